@@ -1,0 +1,26 @@
+"""``python -m diffueraser_core {remove,doctor} ...``"""
+
+import sys
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    usage = "usage: python -m diffueraser_core {remove,doctor} [options]  (--help after a command for details)"
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "doctor":
+        from .doctor import main as doctor_main
+
+        return doctor_main(rest)
+    if command == "remove":
+        from .cli import main as remove_main
+
+        return remove_main(rest)
+    print(f"unknown command {command!r}\n{usage}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

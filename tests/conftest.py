@@ -1,0 +1,16 @@
+import os
+import pathlib
+
+import pytest
+import torch
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# Copies of the official key/shape manifests and tiny configs (data, kept with the tests so a clone is enough).
+REFERENCE_DIR = REPO / "tests" / "reference"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def reference_dir():
+    return REFERENCE_DIR
