@@ -10,7 +10,8 @@ Contract used by every stage:
   before each window/chunk returns the module ready on ``runtime.device`` (the host may evict others or load
   partially); ``handle.release()`` after the stage lets the host offload it.
 * ``runtime.check_interrupt()`` inside every loop (at least once per window or chunk).
-* ``runtime.progress(stage, done, total, preview=None)``: preview is an optional uint8 [H,W,3] tensor.
+* ``runtime.progress(stage, done, total, preview=None, preview_latent=None)``: preview is an optional uint8
+  [H,W,3] tensor; preview_latent an optional raw VAE latent [1,4,h,w] the host may turn into a live preview.
 * ``runtime.is_oom(exc)``: true for an out-of-memory error of this host; stages then retry with smaller chunks.
 """
 
@@ -89,7 +90,14 @@ class StandaloneRuntime:
         if self.interrupt_flag is not None and self.interrupt_flag():
             raise Interrupted("DiffuEraser: run cancelled")
 
-    def progress(self, stage: str, done: int, total: int, preview: Optional[torch.Tensor] = None) -> None:
+    def progress(
+        self,
+        stage: str,
+        done: int,
+        total: int,
+        preview: Optional[torch.Tensor] = None,
+        preview_latent: Optional[torch.Tensor] = None,
+    ) -> None:
         if self.progress_callback is not None:
             self.progress_callback(stage, done, total, preview)
 

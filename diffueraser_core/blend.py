@@ -1,0 +1,193 @@
+"""Feathered composite of the generated frames over the original frames, at the original size (reference section 8).
+
+Per frame: ``m`` = the prepared hole mask (as the sampler used it), ``b`` = Gaussian blur of ``m`` with a
+``feather x feather`` kernel, ``alpha = 1 - (1 - m)(1 - b)`` (1 inside the hole, fading out around it), and
+``out = generated * alpha + original * (1 - alpha)``.
+
+Differences from the reference, all deliberate:
+
+* The reference composites at the working size (e.g. 960 px) and writes that size. Here the generated frames are
+  resized (bicubic) to the original size and the composite is made there, so pixels outside the feathered hole are
+  the user's original pixels, bit for bit (``alpha == 0`` copies the original).
+* The mask is prepared like the sampler's (nearest to the working size = generated size, erode 1 + dilate
+  ``mask_dilation`` there, nearest back to the original size); the feather kernel is applied at the original size,
+  so ``feather`` is in output pixels.
+* ``alpha`` stays in float32 and the result is rounded; the reference stores the blurred mask and alpha as uint8
+  and truncates the result (differences of at most a couple of levels in the feathered band).
+
+The Gaussian kernel is OpenCV's for ``sigma = 0`` (``getGaussianKernel``: its fixed tables for sizes 1 to 9 and
+``sigma = 0.3*((k-1)*0.5 - 1) + 0.8`` otherwise, 3.5 for the default 21) with OpenCV's default border
+(reflect-101).
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+from .masks import DEFAULT_MASK_DILATION, prepare_diffueraser_masks, resize_masks_nearest
+from .video import FRAME_CHUNK, resize_frames
+
+#: reference feather kernel size (``cv2.GaussianBlur(mask, (21, 21), 0)``)
+DEFAULT_FEATHER = 21
+
+# OpenCV's fixed Gaussian kernels used when sigma <= 0 and the size is at most 7 (getGaussianKernel).
+_OPENCV_SMALL_GAUSSIAN_KERNELS = {
+    1: (1.0,),
+    3: (0.25, 0.5, 0.25),
+    5: (0.0625, 0.25, 0.375, 0.25, 0.0625),
+    7: (0.03125, 0.109375, 0.21875, 0.28125, 0.21875, 0.109375, 0.03125),
+    # recent OpenCV (checked on 5.0) also has a fixed 9-tap table
+    9: tuple(v / 256 for v in (4, 13, 30, 51, 60, 51, 30, 13, 4)),
+}
+
+
+def check_feather(feather: int, node: str = "DiffuEraser Blend") -> int:
+    if int(feather) != feather or feather < 1 or int(feather) % 2 == 0:
+        raise InputError(f"{node}: feather must be an odd integer >= 1 (1 = hard edge), got {feather}")
+    return int(feather)
+
+
+def gaussian_kernel_1d(size: int) -> torch.Tensor:
+    """OpenCV's ``getGaussianKernel(size, 0)`` as float64 ``[size]`` (sums to 1)."""
+    size = check_feather(size, "gaussian_kernel_1d")
+    if size in _OPENCV_SMALL_GAUSSIAN_KERNELS:
+        return torch.tensor(_OPENCV_SMALL_GAUSSIAN_KERNELS[size], dtype=torch.float64)
+    sigma = 0.3 * ((size - 1) * 0.5 - 1) + 0.8
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    kernel = torch.exp(-(x * x) / (2 * sigma * sigma))
+    return kernel / kernel.sum()
+
+
+def _reflect101_index(n: int, radius: int) -> torch.Tensor:
+    """Indices of a length-``n`` axis padded by ``radius`` on both sides with OpenCV's BORDER_REFLECT_101."""
+    idx = torch.arange(-radius, n + radius)
+    if n == 1:
+        return torch.zeros_like(idx)
+    period = 2 * (n - 1)
+    idx = idx.remainder(period)
+    return torch.where(idx > n - 1, period - idx, idx)
+
+
+def gaussian_blur(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Separable Gaussian blur of float ``[N,H,W]`` (OpenCV kernel and border); exact zeros stay zero far away."""
+    size = check_feather(size, "gaussian_blur")
+    if size == 1:
+        return x.clone()
+    radius = size // 2
+    kernel = gaussian_kernel_1d(size).to(x.dtype)
+    n, h, w = x.shape
+    y = x.unsqueeze(1)
+    y = y.index_select(3, _reflect101_index(w, radius))
+    y = F.conv2d(y, kernel.view(1, 1, 1, size))
+    y = y.index_select(2, _reflect101_index(h, radius))
+    y = F.conv2d(y, kernel.view(1, 1, size, 1))
+    return y[:, 0]
+
+
+def blend_weights(masks: torch.Tensor, feather: int = DEFAULT_FEATHER) -> torch.Tensor:
+    """Composite weight of the generated frame, float32 ``[N,H,W]`` in 0..1, from prepared bool masks ``[N,H,W]``.
+
+    ``alpha = 1 - (1 - m)(1 - blur(m))``: 1 on the hole, a Gaussian fade outside it, exactly 0 farther than
+    ``feather // 2`` pixels (per axis) from the hole. Call it on a chunk of frames.
+    """
+    feather = check_feather(feather)
+    if masks.dtype != torch.bool or masks.dim() != 3:
+        raise InputError(f"DiffuEraser Blend: masks must be bool [N,H,W], got {tuple(masks.shape)} {masks.dtype}")
+    m = masks.to(torch.float32)
+    blurred = gaussian_blur(m, feather).clamp_(0.0, 1.0)
+    return 1.0 - (1.0 - m) * (1.0 - blurred)
+
+
+def _composite(original: torch.Tensor, generated: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    a = alpha.unsqueeze(-1)
+    mixed = generated.to(torch.float32) * a + original.to(torch.float32) * (1.0 - a)
+    mixed = mixed.round_().clamp_(0, 255).to(torch.uint8)
+    # Weight 0: the original pixel, bit for bit (not through float arithmetic).
+    return torch.where(a > 0, mixed, original)
+
+
+def _check_inputs(original: torch.Tensor, generated: torch.Tensor, masks: torch.Tensor, node: str) -> None:
+    if original.dtype != torch.uint8 or original.dim() != 4 or original.shape[-1] != 3:
+        raise InputError(
+            f"{node}: original frames must be uint8 [T,H,W,3], got {tuple(original.shape)} {original.dtype}"
+        )
+    if generated.dtype != torch.uint8 or generated.dim() != 4 or generated.shape[-1] != 3:
+        raise InputError(
+            f"{node}: generated frames must be uint8 [T,h,w,3], got {tuple(generated.shape)} {generated.dtype}"
+        )
+    if masks.dtype != torch.bool or masks.dim() != 3:
+        raise InputError(f"{node}: masks must be bool [T,H,W], got {tuple(masks.shape)} {masks.dtype}")
+    t = original.shape[0]
+    if generated.shape[0] != t or masks.shape[0] != t:
+        raise InputError(
+            f"{node}: frame counts differ: original {t}, generated {generated.shape[0]}, masks {masks.shape[0]}"
+        )
+    if tuple(masks.shape[1:]) != tuple(original.shape[1:3]):
+        raise InputError(
+            f"{node}: masks are {tuple(masks.shape[1:])} but the original frames are {tuple(original.shape[1:3])}"
+        )
+
+
+def blend_frames(
+    original: torch.Tensor,
+    generated: torch.Tensor,
+    masks: torch.Tensor,
+    feather: int = DEFAULT_FEATHER,
+    chunk: int = FRAME_CHUNK,
+) -> torch.Tensor:
+    """Composite with already prepared masks ``bool [T,H,W]`` at the original size; see the module docstring."""
+    node = "DiffuEraser Blend"
+    _check_inputs(original, generated, masks, node)
+    feather = check_feather(feather, node)
+    size = tuple(original.shape[1:3])
+    out = torch.empty_like(original)
+    for s in range(0, original.shape[0], chunk):
+        alpha = blend_weights(masks[s : s + chunk], feather)
+        gen = resize_frames(generated[s : s + chunk], size)
+        out[s : s + chunk] = _composite(original[s : s + chunk], gen, alpha)
+    return out
+
+
+def prepare_blend_masks(
+    masks: torch.Tensor, working_size: Tuple[int, int], mask_dilation: int = DEFAULT_MASK_DILATION
+) -> torch.Tensor:
+    """Raw bool masks ``[N,H,W]`` -> the sampler's prepared masks brought back to ``[N,H,W]`` (nearest both ways)."""
+    size = tuple(masks.shape[1:])
+    small = resize_masks_nearest(masks, working_size)
+    prepared = prepare_diffueraser_masks(small, mask_dilation)
+    return resize_masks_nearest(prepared, size)
+
+
+def blend_video(
+    original: torch.Tensor,
+    generated: torch.Tensor,
+    masks: torch.Tensor,
+    mask_dilation: int = DEFAULT_MASK_DILATION,
+    feather: int = DEFAULT_FEATHER,
+    chunk: int = FRAME_CHUNK,
+) -> torch.Tensor:
+    """Composite ``generated`` (uint8 ``[T,h,w,3]``, working size) over ``original`` (uint8 ``[T,H,W,3]``).
+
+    ``masks`` are the raw (undilated) bool ``[T,H,W]`` masks at the original size; they are prepared like the
+    sampler prepares them at the generated size. Returns uint8 ``[T,H,W,3]``.
+    """
+    node = "DiffuEraser Blend"
+    _check_inputs(original, generated, masks, node)
+    feather = check_feather(feather, node)
+    if int(mask_dilation) != mask_dilation or mask_dilation < 0:
+        raise InputError(f"{node}: mask dilation must be a non-negative integer, got {mask_dilation}")
+    if chunk < 1:
+        raise InputError(f"{node}: chunk must be >= 1, got {chunk}")
+    work = tuple(generated.shape[1:3])
+    size = tuple(original.shape[1:3])
+    out = torch.empty_like(original)
+    for s in range(0, original.shape[0], chunk):
+        prepared = prepare_blend_masks(masks[s : s + chunk], work, int(mask_dilation))
+        alpha = blend_weights(prepared, feather)
+        gen = resize_frames(generated[s : s + chunk], size)
+        out[s : s + chunk] = _composite(original[s : s + chunk], gen, alpha)
+    return out

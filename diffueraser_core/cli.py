@@ -1,0 +1,249 @@
+"""``python -m diffueraser_core remove VIDEO MASK OUTPUT [options]``: DiffuEraser without ComfyUI.
+
+VIDEO is a video file or a folder of frames; MASK a mask video, a folder of mask frames or a single image (used for
+every frame); OUTPUT a video file (frame count, size, fps and the input's audio kept) or a folder of PNG frames.
+Models come from a ComfyUI-style models folder (``--models``, see docs/architecture.md); nothing is downloaded.
+Progress goes to stderr, one line per stage step / window. Exit codes: 0 done, 1 bad input or model files,
+2 bad command line, 130 cancelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import List, Optional
+
+from .errors import DiffuEraserError, Interrupted
+
+log = logging.getLogger(__name__)
+
+PROG = "python -m diffueraser_core remove"
+#: run_diffueraser's ProPainter settings (the reference entry point overrides ProPainter's own defaults)
+RUN_DIFFUERASER_PROPAINTER = {"ref_stride": 10, "neighbor_length": 10, "subvideo_length": 50}
+DIFFUSION_MODEL_KEYS = ("unet_main", "brushnet", "pcm_lora", "vae", "text_encoder")
+PROPAINTER_MODEL_KEYS = ("raft", "flow_completion", "propainter")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Remove masked objects from a video with DiffuEraser.")
+    p.add_argument("video", help="input video file or folder of frames")
+    p.add_argument("mask", help="mask video, folder of mask frames, or one mask image for every frame (white = remove)")
+    p.add_argument("output", help="output video file (.mp4/.mov/.mkv) or a folder for PNG frames")
+    p.add_argument("--models", default=None, help="ComfyUI models folder (default: $COMFYUI_MODELS_DIR or ./models)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0; the reference drew a random one)")
+    p.add_argument("--steps", type=int, default=2, help="TCD steps, 1..50 (PCM LoRAs: 2, 4, 8, 16; default 2)")
+    p.add_argument("--guidance-scale", type=float, default=0.0, help="CFG scale; only used if > 1 (reference: 0)")
+    p.add_argument("--prior-only", action="store_true", help="ProPainter prior only, no diffusion")
+    p.add_argument("--max-side", type=int, default=960, help="longer side of the working size, 256..1920")
+    p.add_argument("--mask-dilation", type=int, default=8, help="mask dilation iterations (3x3), default 8")
+    p.add_argument("--window-length", type=int, default=22, help="frames per temporal window (default 22)")
+    p.add_argument("--window-overlap", type=int, default=None, help="window overlap (default window-length // 4)")
+    p.add_argument("--no-pre-inference", action="store_true", help="skip the keyframe pre-inference on long videos")
+    p.add_argument("--mode", choices=("forward_noise", "ddim_inversion"), default="forward_noise",
+                   help="prior injection: forward noise to t=999 (reference code) or DDIM inversion (paper)")
+    p.add_argument("--strength", type=float, default=1.0, help="start strength (1.0 = start at t=999)")
+    p.add_argument("--brushnet-scale", type=float, default=1.0, help="BrushNet conditioning scale (default 1.0)")
+    p.add_argument("--lora", default=None,
+                   help="PCM LoRA file name in models/diffueraser (or a path); 'none' for no LoRA")
+    p.add_argument("--lora-strength", type=float, default=1.0, help="PCM LoRA strength (default 1.0)")
+    p.add_argument("--device", choices=("cpu", "cuda", "mps"), default=None, help="compute device (default: best)")
+    p.add_argument("--raft-iter", type=int, default=20, help="RAFT iterations for the prior (default 20)")
+    p.add_argument("--subvideo-length", type=int, default=RUN_DIFFUERASER_PROPAINTER["subvideo_length"],
+                   help="ProPainter sub-video length (run_diffueraser: 50)")
+    p.add_argument("--neighbor-length", type=int, default=RUN_DIFFUERASER_PROPAINTER["neighbor_length"],
+                   help="ProPainter neighbour length (default 10)")
+    p.add_argument("--ref-stride", type=int, default=RUN_DIFFUERASER_PROPAINTER["ref_stride"],
+                   help="ProPainter reference frame stride (default 10)")
+    p.add_argument("--resize-ratio", type=float, default=0.6, help="ProPainter working-size ratio (default 0.6)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    return p
+
+
+class _ProgressPrinter:
+    """One stderr line per progress report (a window, a chunk, a stage step)."""
+
+    def __init__(self, stream, quiet: bool):
+        self.stream = stream
+        self.quiet = quiet
+
+    def __call__(self, stage, done, total, preview=None):
+        if not self.quiet:
+            self.stream.write(f"[diffueraser] {stage}: {done}/{total}\n")
+            self.stream.flush()
+
+
+def _default_models_dir() -> str:
+    return os.environ.get("COMFYUI_MODELS_DIR") or os.path.join(os.getcwd(), "models")
+
+
+def _missing_line(key: str) -> str:
+    from .model_files import MODEL_FILES_BY_KEY, expected_location
+
+    entry = MODEL_FILES_BY_KEY[key]
+    return f"  {key} ({entry.description}): missing; put it at {expected_location(key)}; published at {entry.published}"
+
+
+def _resolve_lora(found: dict, models_dir: str, lora: Optional[str]) -> Optional[str]:
+    if lora is not None and lora.lower() == "none":
+        return None
+    if lora is None:
+        return found.get("pcm_lora")
+    for candidate in (lora, os.path.join(models_dir, "diffueraser", lora)):
+        if os.path.isfile(candidate):
+            return candidate
+    from .errors import ModelFileError
+
+    raise ModelFileError(f"{PROG}: --lora {lora!r} not found as a path nor in {os.path.join(models_dir, 'diffueraser')!r}")
+
+
+def _check_models(models_dir: str, prior_only: bool, lora: Optional[str]) -> dict:
+    from .errors import ModelFileError
+    from .model_files import find_model_files
+
+    if not os.path.isdir(models_dir):
+        raise ModelFileError(f"{PROG}: models folder {models_dir!r} does not exist (use --models DIR)")
+    found = find_model_files(models_dir)
+    needed = list(PROPAINTER_MODEL_KEYS)
+    if not prior_only:
+        needed += [k for k in DIFFUSION_MODEL_KEYS if not (k == "pcm_lora" and lora is not None)]
+    missing = [k for k in needed if not found.get(k)]
+    if missing:
+        lines = [_missing_line(key) for key in missing]
+        raise ModelFileError(
+            f"{PROG}: {len(missing)} model file(s) missing in {models_dir!r}:\n" + "\n".join(lines)
+        )
+    return found
+
+
+def _load_diffusion(found: dict, models_dir: str, args, runtime):
+    from .models.checkpoints import load_brushnet, load_unet_main
+    from .models.sd15_components import encode_prompt, load_text_encoder, load_vae
+    from .pipeline import DiffuEraserModels, DiffusersVaeCodec
+
+    unet = load_unet_main(found["unet_main"])
+    lora_path = _resolve_lora(found, models_dir, args.lora)
+    if lora_path is not None:
+        from .models.lora import apply_lora, read_lora
+
+        apply_lora(unet, read_lora(lora_path), args.lora_strength)
+        log.info("PCM LoRA %s applied at strength %g", lora_path, args.lora_strength)
+    else:
+        log.warning("no PCM LoRA: a few-step schedule without it gives poor results")
+    brushnet = load_brushnet(found["brushnet"])
+    text_encoder = load_text_encoder(found["text_encoder"])
+    text_encoder.to(runtime.device, runtime.dtype_for(text_encoder))
+    text = encode_prompt(text_encoder, "", runtime.device)
+    del text_encoder
+    vae = load_vae(found["vae"])
+    # the SD1.5 VAE overflows in fp16 on some inputs; keep it in float32 unless the runtime says otherwise
+    models = DiffuEraserModels(unet=runtime.wrap(unet, "diffueraser_unet_main"),
+                               brushnet=runtime.wrap(brushnet, "diffueraser_brushnet"))
+    codec = DiffusersVaeCodec(runtime.wrap(vae, "sd15_vae"), runtime)
+    return models, codec, text
+
+
+def _load_propainter(found: dict, runtime):
+    from .models.flow_completion import load_flow_completion
+    from .models.propainter import load_propainter
+    from .models.raft import load_raft
+    from .prior_propainter import ProPainterNets
+
+    return ProPainterNets(
+        raft=runtime.wrap(load_raft(found["raft"]), "propainter_raft"),
+        flow_completion=runtime.wrap(load_flow_completion(found["flow_completion"]), "propainter_flow_completion"),
+        generator=runtime.wrap(load_propainter(found["propainter"]), "propainter_generator"),
+    )
+
+
+def run(args, stream=sys.stderr) -> None:
+    import torch
+
+    from .pipeline import SamplerSettings, remove_objects
+    from .prior_injection import InjectionSettings
+    from .prior_propainter import ProPainterSettings
+    from .runtime import StandaloneRuntime
+    from .video import read_masks, read_video, working_size, write_video
+
+    sampler = SamplerSettings(
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        window_length=args.window_length,
+        window_overlap=args.window_overlap,
+        brushnet_scale=args.brushnet_scale,
+        pre_inference=not args.no_pre_inference,
+        mask_dilation=args.mask_dilation,
+    )
+    injection = InjectionSettings(
+        mode=args.mode, seed=args.seed, window_length=args.window_length, strength=args.strength,
+        inversion_steps=args.steps,
+    )
+    propainter = ProPainterSettings(
+        resize_ratio=args.resize_ratio,
+        mask_dilation=args.mask_dilation,
+        ref_stride=args.ref_stride,
+        neighbor_length=args.neighbor_length,
+        subvideo_length=args.subvideo_length,
+        raft_iter=args.raft_iter,
+    )
+    propainter.validate()
+    models_dir = args.models or _default_models_dir()
+    found = _check_models(models_dir, args.prior_only, args.lora)
+
+    video = read_video(args.video)
+    frames = video.frames
+    num, height, width = int(frames.shape[0]), int(frames.shape[1]), int(frames.shape[2])
+    working_size(height, width, args.max_side, node=f"{PROG} {args.video!r}")
+    masks = read_masks(args.mask, num, (height, width))
+    printer = _ProgressPrinter(stream, args.quiet)
+    printer(f"read {num} frames {width}x{height} at {float(video.fps):g} fps", 1, 1)
+
+    device = torch.device(args.device) if args.device else _auto_device()
+    runtime = StandaloneRuntime(device=device, progress_callback=printer)
+    nets = _load_propainter(found, runtime)
+    models = codec = text = None
+    if not args.prior_only:
+        models, codec, text = _load_diffusion(found, models_dir, args, runtime)
+    out = remove_objects(
+        frames,
+        masks,
+        propainter_nets=nets,
+        runtime=runtime,
+        models=models,
+        codec=codec,
+        text_embeddings=text,
+        sampler_settings=sampler,
+        injection_settings=injection,
+        propainter_settings=propainter,
+        max_side=args.max_side,
+        prior_only=args.prior_only,
+    )
+    audio_from = args.video if getattr(video, "has_audio", False) else None
+    write_video(args.output, out, video.fps, audio_from=audio_from)
+    printer(f"wrote {args.output}", 1, 1)
+
+
+def _auto_device():
+    from .runtime import default_device
+
+    return default_device()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits on --help (0) and bad arguments (2)
+        return int(exc.code or 0)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run(args)
+    except DiffuEraserError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
+    except Interrupted as exc:
+        sys.stderr.write(f"{exc}\n")
+        return 130
+    return 0

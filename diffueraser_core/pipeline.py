@@ -1,0 +1,356 @@
+"""The stages strung together: prior -> working size -> encode -> inject -> (pre-inference) -> sample -> decode ->
+blend. Used by the CLI; the ComfyUI nodes call the same stages one by one.
+
+Memory: frames stay uint8 and masks bool on the CPU; every stage works chunk by chunk or window by window; the only
+whole-video float tensors are latents (1/48 of the pixels' count in float32).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from .errors import InputError
+from .prior_injection import (
+    VAE_SCALING,
+    InjectionSettings,
+    StartLatents,
+    check_steps,
+    inject_forward_noise,
+    invert_prior,
+    tcd_timesteps,
+)
+from .pre_inference import run_pre_inference, should_pre_infer
+from .temporal_sampling import (
+    Conditioning,
+    WindowSettings,
+    build_conditioning,
+    check_latent_frames,
+    denoise_windows,
+    pairs_down,
+)
+from .windows import DEFAULT_WINDOW_LENGTH
+
+log = logging.getLogger(__name__)
+
+#: frames per VAE call (reference: encode in chunks of 4)
+VAE_CHUNK = 4
+#: frames per chunk for resizing / decoding whole videos
+FRAME_CHUNK = 16
+#: activation bytes per pixel per frame for the VAE's memory_required hint (decoder at full resolution dominates)
+VAE_BYTES_PER_PIXEL = 2_500
+DEFAULT_MAX_SIDE = 960
+DEFAULT_FEATHER = 21
+NODE = "DiffuEraser"
+
+
+class DiffusersVaeCodec:
+    """LatentCodec over a diffusers AutoencoderKL held by a runtime handle.
+
+    encode: uint8 ``[n,H,W,3]`` -> raw latents float32 ``[n,4,H/8,W/8]`` (distribution mean: deterministic; the
+    reference samples, quirk 5). decode: raw latents -> uint8 ``[n,8h,8w,3]`` (as diffusers' image processor:
+    ``round(clamp(x/2 + 0.5, 0, 1) * 255)``). Chunks of ``chunk`` frames; out of memory halves the chunk.
+    """
+
+    def __init__(self, handle, runtime, chunk: int = VAE_CHUNK):
+        self.handle = handle
+        self.runtime = runtime
+        self.chunk = max(1, int(chunk))
+
+    def _run(self, items: torch.Tensor, fn, out_shape, out_dtype, pixels_per_item: int) -> torch.Tensor:
+        num = int(items.shape[0])
+        out = torch.empty((num, *out_shape), dtype=out_dtype)
+        chunk = self.chunk
+        start = 0
+        try:
+            while start < num:
+                self.runtime.check_interrupt()
+                stop = min(start + chunk, num)
+                try:
+                    vae = self.handle.acquire(memory_required=VAE_BYTES_PER_PIXEL * pixels_per_item * (stop - start))
+                    out[start:stop] = fn(vae, items[start:stop])
+                except Exception as exc:  # only out-of-memory is retried
+                    if not self.runtime.is_oom(exc) or chunk == 1:
+                        raise
+                    self.runtime.empty_cache()
+                    chunk = max(1, chunk // 2)
+                    log.warning("%s VAE: out of memory, retrying with %d frame(s) per chunk", NODE, chunk)
+                    continue
+                start = stop
+        finally:
+            self.handle.release()
+        return out
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[-1] != 3:
+            raise InputError(f"{NODE} VAE encode: expected uint8 frames [n,H,W,3], got {frames.dtype} {tuple(frames.shape)}")
+        n, height, width, _ = frames.shape
+        if height % 8 or width % 8:
+            raise InputError(f"{NODE} VAE encode: frame size {width}x{height} is not a multiple of 8")
+        device = self.runtime.device
+
+        def fn(vae, part):
+            dtype = next(vae.parameters()).dtype
+            x = part.to(device).permute(0, 3, 1, 2).to(dtype) / 127.5 - 1.0
+            return vae.encode(x).latent_dist.mean.to("cpu", torch.float32)
+
+        return self._run(frames, fn, (4, height // 8, width // 8), torch.float32, height * width)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if latents.dim() != 4 or latents.shape[1] != 4:
+            raise InputError(f"{NODE} VAE decode: expected latents [n,4,h,w], got {tuple(latents.shape)}")
+        n, _, h, w = latents.shape
+        device = self.runtime.device
+
+        def fn(vae, part):
+            dtype = next(vae.parameters()).dtype
+            x = vae.decode(part.to(device, dtype)).sample.to(torch.float32)
+            x = ((x / 2 + 0.5).clamp(0, 1) * 255).round()
+            return x.permute(0, 2, 3, 1).to("cpu", torch.uint8)
+
+        return self._run(latents, fn, (h * 8, w * 8, 3), torch.uint8, h * w * 64)
+
+
+@dataclass
+class SamplerSettings:
+    """The sampler's knobs with the reference defaults (run_diffueraser: 2-Step PCM, guidance forced to 0, 22-frame
+    windows overlapping by 22 // 4, pre-inference on, mask dilation 8)."""
+
+    steps: int = 2
+    guidance_scale: float = 0.0
+    window_length: int = DEFAULT_WINDOW_LENGTH
+    window_overlap: Optional[int] = None
+    brushnet_scale: float = 1.0
+    pre_inference: bool = True
+    mask_dilation: int = 8
+
+    def __post_init__(self):
+        check_steps(self.steps)
+        if int(self.window_length) != self.window_length or self.window_length < 1:
+            raise InputError(f"DiffuEraser Sampler: window_length must be an integer >= 1, got {self.window_length!r}")
+        if int(self.mask_dilation) != self.mask_dilation or self.mask_dilation < 0:
+            raise InputError(f"DiffuEraser Sampler: mask_dilation must be an integer >= 0, got {self.mask_dilation!r}")
+        if self.guidance_scale < 0:
+            raise InputError(f"DiffuEraser Sampler: guidance_scale must be >= 0, got {self.guidance_scale!r}")
+
+    def window_settings(self) -> WindowSettings:
+        return WindowSettings(
+            window_length=int(self.window_length),
+            window_overlap=self.window_overlap,
+            guidance_scale=float(self.guidance_scale),
+            brushnet_scale=float(self.brushnet_scale),
+        )
+
+
+@dataclass
+class DiffuEraserModels:
+    """Runtime handles of the motion UNet (with the PCM LoRA applied) and BrushNet."""
+
+    unet: object
+    brushnet: object
+
+
+def _check_video(frames: torch.Tensor, where: str) -> None:
+    if not isinstance(frames, torch.Tensor) or frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[-1] != 3:
+        desc = f"{frames.dtype} {tuple(frames.shape)}" if isinstance(frames, torch.Tensor) else type(frames).__name__
+        raise InputError(f"{where}: expected uint8 frames [T,H,W,3], got {desc}")
+    if frames.shape[0] < 1:
+        raise InputError(f"{where}: the video has no frames")
+
+
+def encode_prior(prior_frames: torch.Tensor, working_size: Tuple[int, int], codec, runtime=None) -> torch.Tensor:
+    """Prior frames uint8 ``[T,H,W,3]`` -> raw latents ``[T,4,h/8,w/8]`` at ``working_size`` (bicubic resize, as the
+    reference reads the prior back at the working size), chunk by chunk."""
+    from .video import resize_frames
+
+    _check_video(prior_frames, f"{NODE} prior encode")
+    h, w = int(working_size[0]), int(working_size[1])
+    if h % 8 or w % 8:
+        raise InputError(f"{NODE} prior encode: working size {w}x{h} is not a multiple of 8")
+    num = prior_frames.shape[0]
+    out = torch.empty((num, 4, h // 8, w // 8), dtype=torch.float32)
+    for start in range(0, num, FRAME_CHUNK):
+        stop = min(start + FRAME_CHUNK, num)
+        out[start:stop] = codec.encode(resize_frames(prior_frames[start:stop], (h, w)))
+        if runtime is not None:
+            runtime.progress("encode", stop, num)
+    return out
+
+
+def prepare_sampling_inputs(frames, masks, where: str = "DiffuEraser Sampler"):
+    """Validated uint8 frames and bool masks broadcast to the frames (single mask -> all, other size -> resized)."""
+    from .masks import broadcast_masks
+
+    _check_video(frames, where)
+    if not isinstance(masks, torch.Tensor) or masks.dtype != torch.bool:
+        raise InputError(f"{where}: masks must be a bool tensor [T,H,W], got {getattr(masks, 'dtype', type(masks))}")
+    if masks.dim() == 2:
+        masks = masks.unsqueeze(0)
+    return broadcast_masks(masks, frames.shape[0], (frames.shape[1], frames.shape[2]), where)
+
+
+def sample_video(
+    start: StartLatents,
+    frames: torch.Tensor,
+    masks: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    negative_embeddings: Optional[torch.Tensor],
+    models: DiffuEraserModels,
+    codec,
+    settings: SamplerSettings,
+    runtime,
+    conditioning: Optional[Conditioning] = None,
+) -> torch.Tensor:
+    """Start latents -> raw clean latents ``[T,4,h,w]`` (CPU float32).
+
+    ``frames`` uint8 ``[T,H,W,3]`` and raw bool ``masks`` at the original size; they are resized to the latent size
+    x 8 here for the BrushNet conditioning. Pre-inference runs when enabled and T > 2 x window_length.
+    ``conditioning`` may pass one already built from the same frames/masks/settings.
+    """
+    where = "DiffuEraser Sampler"
+    masks = prepare_sampling_inputs(frames, masks, where)
+    check_latent_frames(start.num_frames, int(frames.shape[0]), where)
+    latent_hw = start.latent_hw
+    if conditioning is None:
+        conditioning = build_conditioning(frames, masks, latent_hw, codec, settings.mask_dilation)
+    timesteps = tcd_timesteps(settings.steps, start.strength)
+    if timesteps[0] != start.start_timestep:
+        log.warning(
+            "%s: the latent was prepared for timestep %d but the schedule starts at %d",
+            where,
+            start.start_timestep,
+            timesteps[0],
+        )
+    window = settings.window_settings()
+    start_latent = start.latent
+    if should_pre_infer(start.num_frames, window.window_length, start, settings.pre_inference):
+        pre = run_pre_inference(
+            start, conditioning, timesteps, text_embeddings, negative_embeddings, models, codec, window, runtime
+        )
+        start_latent, conditioning = pre.start_latent, pre.conditioning
+    latents = denoise_windows(
+        start_latent.to(torch.float32) * VAE_SCALING,
+        pairs_down(timesteps),
+        conditioning,
+        text_embeddings,
+        negative_embeddings,
+        models,
+        window,
+        runtime,
+        stage="sampling",
+    )
+    latents /= VAE_SCALING
+    return latents
+
+
+def decode_video(latents: torch.Tensor, codec, runtime=None) -> torch.Tensor:
+    """Raw latents -> uint8 frames at the working size, chunk by chunk."""
+    num, _, h, w = latents.shape
+    out = torch.empty((num, h * 8, w * 8, 3), dtype=torch.uint8)
+    for start in range(0, num, FRAME_CHUNK):
+        stop = min(start + FRAME_CHUNK, num)
+        out[start:stop] = codec.decode(latents[start:stop])
+        if runtime is not None:
+            runtime.progress("decode", stop, num)
+    return out
+
+
+def _propainter_settings(settings, mask_dilation: int):
+    from .prior_propainter import ProPainterSettings
+
+    if settings is not None:
+        return settings
+    # run_diffueraser passes its mask dilation (8) to ProPainter too (ProPainter's own default is 4)
+    settings = ProPainterSettings()
+    if any(f.name == "mask_dilation" for f in dataclasses.fields(settings)):
+        settings = dataclasses.replace(settings, mask_dilation=mask_dilation)
+    return settings
+
+
+def remove_objects(
+    frames: torch.Tensor,
+    masks: torch.Tensor,
+    *,
+    propainter_nets,
+    runtime,
+    models: Optional[DiffuEraserModels] = None,
+    codec=None,
+    text_embeddings: Optional[torch.Tensor] = None,
+    negative_embeddings: Optional[torch.Tensor] = None,
+    sampler_settings: Optional[SamplerSettings] = None,
+    injection_settings: Optional[InjectionSettings] = None,
+    propainter_settings=None,
+    max_side: int = DEFAULT_MAX_SIDE,
+    feather: int = DEFAULT_FEATHER,
+    prior_only: bool = False,
+) -> torch.Tensor:
+    """Whole DiffuEraser removal: uint8 ``[T,H,W,3]`` + bool masks (True = remove; one mask or one per frame) ->
+    uint8 ``[T,H,W,3]`` with the input's frame count and size; pixels outside the blended mask are the input's.
+
+    ``prior_only`` returns the ProPainter prior (composited inside its dilated mask) without diffusion.
+    """
+    from .blend import blend_video
+    from .prior_propainter import run_propainter_prior
+    from .video import working_size
+
+    sampler_settings = sampler_settings or SamplerSettings()
+    injection_settings = injection_settings or InjectionSettings(
+        seed=0, window_length=sampler_settings.window_length, inversion_steps=sampler_settings.steps
+    )
+    masks = prepare_sampling_inputs(frames, masks, NODE)
+    num, height, width = int(frames.shape[0]), int(frames.shape[1]), int(frames.shape[2])
+    if not bool(masks.any()):
+        log.info("%s: the mask is empty; returning the input unchanged", NODE)
+        return frames.clone()
+    if not prior_only and (models is None or codec is None or text_embeddings is None):
+        raise InputError(f"{NODE}: the diffusion stage needs models, a VAE codec and text embeddings")
+    # validate the working size before the (long) prior stage
+    work_h, work_w = working_size(height, width, max_side)
+    prior = run_propainter_prior(
+        frames, masks, propainter_nets, _propainter_settings(propainter_settings, sampler_settings.mask_dilation), runtime
+    )
+    if prior_only:
+        return prior.frames
+    prior_latent = encode_prior(prior.frames, (work_h, work_w), codec, runtime)
+    del prior
+    latent_hw = (work_h // 8, work_w // 8)
+    conditioning = build_conditioning(frames, masks, latent_hw, codec, sampler_settings.mask_dilation)
+    if injection_settings.mode == "ddim_inversion":
+        start = invert_prior(
+            prior_latent,
+            conditioning,
+            text_embeddings,
+            models,
+            injection_settings,
+            runtime,
+            window_overlap=sampler_settings.window_overlap,
+            brushnet_scale=sampler_settings.brushnet_scale,
+        )
+    else:
+        start = inject_forward_noise(prior_latent, injection_settings)
+    del prior_latent
+    latents = sample_video(
+        start,
+        frames,
+        masks,
+        text_embeddings,
+        negative_embeddings,
+        models,
+        codec,
+        sampler_settings,
+        runtime,
+        conditioning=conditioning,
+    )
+    del start, conditioning
+    generated = decode_video(latents, codec, runtime)
+    del latents
+    runtime.progress("blend", 0, 1)
+    out = blend_video(frames, generated, masks, mask_dilation=sampler_settings.mask_dilation, feather=feather)
+    runtime.progress("blend", 1, 1)
+    if out.shape[0] != num:
+        raise InputError(f"{NODE}: internal error, produced {out.shape[0]} frames for {num}")
+    return out

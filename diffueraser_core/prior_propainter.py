@@ -1,0 +1,583 @@
+"""ProPainter prior: frames + masks -> RAFT flow -> completed flow -> image propagation -> transformer.
+
+Reproduces DiffuEraser's ``propainter/inference.py`` (reference-spec section 9) with streaming memory:
+
+* The whole video stays on the CPU in compact dtypes: input/output frames and working-size frames ``uint8``,
+  masks ``bool``, flows and propagated frames ``float16``. Only the current clip / chunk / transformer step
+  goes to ``runtime.device`` and comes back, so peak device memory depends on the chunk lengths and the
+  resolution, never on the video length.
+* Each network is acquired through its runtime handle once per chunk with a rough memory estimate, so the host
+  can make room; on an out-of-memory error the chunk is halved and the same frames are computed again.
+* The result is at the input size: the generated working-size frames are upscaled (bicubic, antialiased) and
+  composited inside the dilated mask; every pixel outside it is the input's, bit for bit.
+
+Reference behaviour kept on purpose: the working size (ratio 0.6, longer side capped at 960, rounded down to
+a multiple of 8), ProPainter's cross-shaped mask dilation, RAFT in fp32 on consecutive pairs in short clips,
+flow completion in padded chunks, the pre-propagation of sampled frames for long videos, image propagation in
+padded chunks, the neighbour/reference frame selection of the transformer, the uint8 truncations and the
+0.5/0.5 running average of overlapping transformer outputs.
+
+Deliberate differences: the prior is not round-tripped through an mp4 file (quirk 7) and is composited back at
+the input size instead of being written at the unrounded 0.6x size; transformer outputs are clamped to 0..255
+before the uint8 truncation (numpy's cast of out-of-range floats is undefined); a 1-frame video runs as the
+frame repeated twice (the reference cannot compute flow for it).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+from .masks import dilate_cross, resize_masks_nearest
+from .video import resize_frames
+
+log = logging.getLogger(__name__)
+
+STAGE = "ProPainter prior"
+PROGRESS_STAGE = "prior"
+
+# Reference defaults (propainter/inference.py, Propainter.forward and module constants).
+DEFAULT_RESIZE_RATIO = 0.6
+MAX_SIDE_THRESH = 960
+DEFAULT_MASK_DILATION = 4
+# run_diffueraser calls the prior with mask_dilation=8; the forward's own default is 4.
+RUN_DIFFUERASER_MASK_DILATION = 8
+DEFAULT_REF_STRIDE = 10
+DEFAULT_NEIGHBOR_LENGTH = 10
+DEFAULT_SUBVIDEO_LENGTH = 80
+DEFAULT_RAFT_ITER = 20
+# RAFT clip length (frames per call) by the working size's longer side: <=640 -> 12, <=720 -> 8, <=1280 -> 4.
+RAFT_CLIP_LENGTHS: Tuple[Tuple[int, int], ...] = ((640, 12), (720, 8), (1280, 4))
+RAFT_CLIP_LENGTH_LARGEST = 2
+FLOW_COMPLETION_PADDING = 5
+PROPAGATION_PADDING = 10
+# Image propagation (and the pre-propagation rule) uses chunks of min(100, subvideo_length) frames.
+PROPAGATION_CHUNK_CAP = 100
+PROPAGATION_INTERPOLATION = "nearest"
+SIZE_MULTIPLE = 8
+# RAFT's 4-level correlation pyramid halves the 1/8-size feature map three times: 8 pixels -> 1 is the floor.
+MIN_WORKING_SIDE = 64
+
+# Rough activation sizes for the memory estimates given to handle.acquire (upper bounds, not measurements).
+RAFT_BYTES_PER_PIXEL = 1024
+COMPLETION_BYTES_PER_PIXEL = 1536
+PROPAGATION_BYTES_PER_PIXEL = 256
+TRANSFORMER_BYTES_PER_PIXEL = 3072
+# Finished working-size frames are upscaled and written to the output this many at a time.
+OUTPUT_FLUSH_FRAMES = 16
+
+RAFT_FILE = "raft-things.pth"
+FLOW_COMPLETION_FILE = "recurrent_flow_completion.pth"
+GENERATOR_FILE = "ProPainter.pth"
+
+
+@dataclass
+class ProPainterSettings:
+    """Every parameter of the reference prior, with the reference default.
+
+    ``mask_dilation``: iterations of the cross-shaped dilation for both the flow mask and the image mask (the
+    forward's default is 4; run_diffueraser passes ``RUN_DIFFUERASER_MASK_DILATION`` = 8).
+    ``raft_clip_lengths``: ``(max longer side, frames per RAFT call)`` rows, first match wins, else
+    ``raft_clip_length_largest``. ``pre_propagation``: the reference always pre-propagates sampled frames when
+    the video is longer than ``min(propagation_chunk_cap, subvideo_length)``; False skips it.
+    ``compute_dtype``: None = the runtime's (fp16/bf16 on GPU, fp32 on CPU); RAFT always runs in fp32.
+    """
+
+    resize_ratio: float = DEFAULT_RESIZE_RATIO
+    max_side: int = MAX_SIDE_THRESH
+    mask_dilation: int = DEFAULT_MASK_DILATION
+    ref_stride: int = DEFAULT_REF_STRIDE
+    neighbor_length: int = DEFAULT_NEIGHBOR_LENGTH
+    subvideo_length: int = DEFAULT_SUBVIDEO_LENGTH
+    raft_iter: int = DEFAULT_RAFT_ITER
+    raft_clip_lengths: Tuple[Tuple[int, int], ...] = RAFT_CLIP_LENGTHS
+    raft_clip_length_largest: int = RAFT_CLIP_LENGTH_LARGEST
+    flow_completion_padding: int = FLOW_COMPLETION_PADDING
+    propagation_padding: int = PROPAGATION_PADDING
+    propagation_chunk_cap: int = PROPAGATION_CHUNK_CAP
+    pre_propagation: bool = True
+    compute_dtype: Optional[torch.dtype] = None
+
+    def validate(self) -> None:
+        checks = [
+            ("resize_ratio", self.resize_ratio, 0 < self.resize_ratio <= 4, "in (0, 4]"),
+            ("max_side", self.max_side, self.max_side >= MIN_WORKING_SIDE, f">= {MIN_WORKING_SIDE}"),
+            ("mask_dilation", self.mask_dilation, self.mask_dilation >= 0, ">= 0"),
+            ("ref_stride", self.ref_stride, self.ref_stride >= 1, ">= 1"),
+            ("neighbor_length", self.neighbor_length, self.neighbor_length >= 2, ">= 2"),
+            ("subvideo_length", self.subvideo_length, self.subvideo_length >= 2, ">= 2"),
+            ("raft_iter", self.raft_iter, self.raft_iter >= 1, ">= 1"),
+            ("raft_clip_length_largest", self.raft_clip_length_largest, self.raft_clip_length_largest >= 2, ">= 2"),
+            ("flow_completion_padding", self.flow_completion_padding, self.flow_completion_padding >= 0, ">= 0"),
+            ("propagation_padding", self.propagation_padding, self.propagation_padding >= 0, ">= 0"),
+            ("propagation_chunk_cap", self.propagation_chunk_cap, self.propagation_chunk_cap >= 2, ">= 2"),
+        ]
+        for name, value, ok, rule in checks:
+            if not ok:
+                raise InputError(f"{STAGE}: {name} must be {rule}, got {value!r}")
+        for row in self.raft_clip_lengths:
+            if len(row) != 2 or row[1] < 2:
+                raise InputError(f"{STAGE}: raft_clip_lengths rows must be (max_side, frames>=2), got {row!r}")
+
+    def raft_clip_length(self, longer_side: int) -> int:
+        for max_side, length in self.raft_clip_lengths:
+            if longer_side <= max_side:
+                return int(length)
+        return int(self.raft_clip_length_largest)
+
+    @property
+    def propagation_chunk(self) -> int:
+        return min(self.propagation_chunk_cap, self.subvideo_length)
+
+
+@dataclass
+class ProPainterNets:
+    """Runtime handles (``runtime.wrap(module, name)``) of the three ProPainter networks."""
+
+    raft: object
+    flow_completion: object
+    generator: object
+
+
+@dataclass
+class PriorResult:
+    """``frames`` uint8 [T,H,W,3] at the input size; ``masks`` bool [T,H,W], the dilated mask composited in."""
+
+    frames: torch.Tensor
+    masks: torch.Tensor
+
+
+def load_propainter_nets(folder, runtime) -> ProPainterNets:
+    """Load raft-things.pth, recurrent_flow_completion.pth and ProPainter.pth from ``folder`` and wrap them."""
+    from .models.flow_completion import load_flow_completion
+    from .models.propainter import load_propainter
+    from .models.raft import load_raft
+
+    folder = os.fspath(folder)
+    return ProPainterNets(
+        raft=runtime.wrap(load_raft(os.path.join(folder, RAFT_FILE)), "propainter_raft"),
+        flow_completion=runtime.wrap(
+            load_flow_completion(os.path.join(folder, FLOW_COMPLETION_FILE)), "propainter_flow_completion"
+        ),
+        generator=runtime.wrap(load_propainter(os.path.join(folder, GENERATOR_FILE)), "propainter_generator"),
+    )
+
+
+def working_size(height: int, width: int, settings: ProPainterSettings) -> Tuple[int, int]:
+    """The reference's processing size ``(h, w)``: ratio (reduced so the longer side <= max_side), int(), /8 down."""
+    ratio = settings.resize_ratio
+    longer = max(height, width)
+    if longer > settings.max_side:
+        ratio = ratio * settings.max_side / longer
+    if ratio != 1.0:
+        height, width = int(ratio * height), int(ratio * width)
+    return height - height % SIZE_MULTIPLE, width - width % SIZE_MULTIPLE
+
+
+def get_ref_index(mid: int, neighbor_ids: List[int], length: int, ref_stride: int, ref_num: int) -> List[int]:
+    """Reference frames of one transformer step, exactly as the reference picks them.
+
+    ``ref_num == -1``: every ``ref_stride``-th frame of the video. Otherwise frames every ``ref_stride`` in
+    ``[mid - ref_stride*(ref_num//2), mid + ref_stride*(ref_num//2))``; the reference's ``len > ref_num`` test
+    lets one more than ``ref_num`` through, kept as is.
+    """
+    if ref_num == -1:
+        return [i for i in range(0, length, ref_stride) if i not in neighbor_ids]
+    refs: List[int] = []
+    start = max(0, mid - ref_stride * (ref_num // 2))
+    end = min(length, mid + ref_stride * (ref_num // 2))
+    for i in range(start, end, ref_stride):
+        if i not in neighbor_ids:
+            if len(refs) > ref_num:
+                break
+            refs.append(i)
+    return refs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running one stage chunk by chunk
+
+
+class _Progress:
+    def __init__(self, runtime, total: int):
+        self.runtime = runtime
+        self.total = max(1, total)
+        self.done = 0
+
+    def step(self, amount: int) -> None:
+        self.done = min(self.total, self.done + amount)
+        self.runtime.progress(PROGRESS_STAGE, self.done, self.total)
+
+
+def _run_chunks(
+    length: int,
+    chunk: int,
+    run: Callable[[int, int], None],
+    runtime,
+    what: str,
+    progress: _Progress,
+) -> None:
+    """Call ``run(start, count)`` over ``[0, length)``; on OOM empty the cache and retry with half the chunk."""
+    start = 0
+    chunk = max(1, int(chunk))
+    while start < length:
+        runtime.check_interrupt()
+        count = min(chunk, length - start)
+        out_of_memory = False
+        try:
+            run(start, count)
+        except Exception as exc:  # noqa: BLE001 - only the host's out-of-memory errors are handled, rest re-raised
+            if not runtime.is_oom(exc) or count <= 1:
+                raise
+            out_of_memory = True
+        if out_of_memory:
+            # Outside the except block so the traceback no longer pins the chunk's tensors.
+            runtime.empty_cache()
+            chunk = max(1, count // 2)
+            log.warning("%s: out of memory in %s with %d frames; retrying with %d", STAGE, what, count, chunk)
+            continue
+        start += count
+        progress.step(count)
+
+
+def _acquire(handle, dtype: torch.dtype, memory_required: int) -> torch.nn.Module:
+    module = handle.acquire(memory_required=int(memory_required))
+    param = next(module.parameters(), None)
+    if param is not None and param.dtype != dtype:
+        # The host loaded it in another precision (e.g. RAFT, which the reference always runs in fp32).
+        module = module.to(dtype=dtype)
+    return module
+
+
+def _to_device_frames(frames_u8: torch.Tensor, device, dtype) -> torch.Tensor:
+    """uint8 [n,h,w,3] CPU -> [1,n,3,h,w] in [-1,1] on the device (the reference's to_tensors()*2-1)."""
+    x = frames_u8.to(device).permute(0, 3, 1, 2).to(torch.float32)
+    return (x / 255.0 * 2.0 - 1.0).to(dtype).unsqueeze(0)
+
+
+def _to_device_masks(masks: torch.Tensor, device, dtype) -> torch.Tensor:
+    """bool [n,h,w] CPU -> [1,n,1,h,w] 0/1 on the device."""
+    return masks.to(device).to(dtype).unsqueeze(1).unsqueeze(0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stages (each works on a CPU video of working-size frames)
+
+
+def _estimate_flows(frames_u8, nets, settings, runtime, progress) -> Tuple[torch.Tensor, torch.Tensor]:
+    """RAFT forward/backward flow of consecutive pairs -> fp16 CPU [n-1,2,h,w] each.
+
+    The reference calls RAFT on clips of ``raft_clip_length`` frames that overlap by one frame; the pairs are
+    independent (eval-mode norms), so any clip length gives the same flows, which the OOM retry relies on.
+    """
+    n, h, w, _ = frames_u8.shape
+    pairs = n - 1
+    flows_f = torch.empty((pairs, 2, h, w), dtype=torch.float16)
+    flows_b = torch.empty((pairs, 2, h, w), dtype=torch.float16)
+    clip_pairs = settings.raft_clip_length(max(h, w)) - 1
+    corr_bytes = (h // 8 * (w // 8)) ** 2 * 4 * 4 // 3
+
+    def run(start: int, count: int) -> None:
+        raft = _acquire(nets.raft, torch.float32, count * (corr_bytes + h * w * RAFT_BYTES_PER_PIXEL))
+        device = next(raft.parameters()).device
+        clip = _to_device_frames(frames_u8[start : start + count + 1], device, torch.float32)[0]
+        with torch.inference_mode():
+            _, forward = raft(clip[:-1], clip[1:], iters=settings.raft_iter, test_mode=True)
+            _, backward = raft(clip[1:], clip[:-1], iters=settings.raft_iter, test_mode=True)
+        flows_f[start : start + count] = forward.to("cpu", torch.float16)
+        flows_b[start : start + count] = backward.to("cpu", torch.float16)
+
+    _run_chunks(pairs, clip_pairs, run, runtime, "RAFT flow", progress)
+    nets.raft.release()
+    return flows_f, flows_b
+
+
+def _complete_flows(flows_f, flows_b, flow_masks, nets, settings, dtype, runtime, progress) -> None:
+    """Recurrent flow completion in chunks of ``subvideo_length`` flows with padding, written in place.
+
+    In place is exact: a chunk's padding may read flows the previous chunk already completed, but completion
+    only ever sees ``flow * (1 - mask)`` and ``combine_flow`` changes flows only where the mask is 1, so the
+    network input is the same as with the reference's separate output lists.
+    """
+    length = flows_f.shape[0]
+    h, w = flows_f.shape[-2:]
+    pad = settings.flow_completion_padding
+
+    def run(start: int, count: int) -> None:
+        s = max(0, start - pad)
+        e = min(length, start + count + pad)
+        model = _acquire(nets.flow_completion, dtype, (e - s) * h * w * COMPLETION_BYTES_PER_PIXEL)
+        device = next(model.parameters()).device
+        gt = (flows_f[s:e].to(device, dtype).unsqueeze(0), flows_b[s:e].to(device, dtype).unsqueeze(0))
+        masks = _to_device_masks(flow_masks[s : e + 1], device, dtype)
+        with torch.inference_mode():
+            pred, _ = model.forward_bidirect_flow(gt, masks)
+            pred = model.combine_flow(gt, pred, masks)
+        head = start - s
+        flows_f[start : start + count] = pred[0][0, head : head + count].to("cpu", torch.float16)
+        flows_b[start : start + count] = pred[1][0, head : head + count].to("cpu", torch.float16)
+
+    _run_chunks(length, settings.subvideo_length, run, runtime, "flow completion", progress)
+    nets.flow_completion.release()
+
+
+def _propagate_images(
+    frames_u8, overrides: Dict[int, torch.Tensor], masks, flows_f, flows_b, nets, settings, dtype, runtime, progress
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Flow-guided image propagation in padded chunks -> (frames fp16 [n,3,h,w] in [-1,1], masks bool [n,h,w]).
+
+    ``overrides`` replaces some input frames by already propagated ones (fp16 [3,h,w]), from pre-propagation.
+    """
+    n, h, w, _ = frames_u8.shape
+    pad = settings.propagation_padding
+    updated = torch.empty((n, 3, h, w), dtype=torch.float16)
+    updated_masks = torch.empty((n, h, w), dtype=torch.bool)
+
+    def run(start: int, count: int) -> None:
+        s = max(0, start - pad)
+        e = min(n, start + count + pad)
+        generator = _acquire(nets.generator, dtype, (e - s) * h * w * PROPAGATION_BYTES_PER_PIXEL)
+        device = next(generator.parameters()).device
+        frames = _to_device_frames(frames_u8[s:e], device, torch.float32)
+        for i in range(s, e):
+            if i in overrides:
+                frames[0, i - s] = overrides[i].to(device, torch.float32)
+        frames = frames.to(dtype)
+        m = _to_device_masks(masks[s:e], device, dtype)
+        flows = (flows_f[s : e - 1].to(device, dtype).unsqueeze(0), flows_b[s : e - 1].to(device, dtype).unsqueeze(0))
+        with torch.inference_mode():
+            prop, prop_masks = generator.img_propagation(frames * (1 - m), flows, m, PROPAGATION_INTERPOLATION)
+            t = e - s
+            result = frames * (1 - m) + prop.reshape(1, t, 3, h, w) * m
+        head = start - s
+        updated[start : start + count] = result[0, head : head + count].to("cpu", torch.float16)
+        updated_masks[start : start + count] = prop_masks.reshape(t, h, w)[head : head + count].to("cpu") > 0.5
+
+    _run_chunks(n, settings.propagation_chunk, run, runtime, "image propagation", progress)
+    return updated, updated_masks
+
+
+def _pre_propagate(frames_u8, masks, flow_masks, nets, settings, dtype, runtime, progress) -> Dict[int, torch.Tensor]:
+    """Long videos: propagate a sparse sample of frames first and write the results back (reference rule).
+
+    Returns the replaced frames by index (fp16 [3,h,w]) and updates ``masks`` in place at those indices.
+    """
+    n = frames_u8.shape[0]
+    chunk = settings.propagation_chunk
+    if not settings.pre_propagation or n <= chunk:
+        return {}
+    sample_rate = n // (chunk // 2)
+    index = list(range(0, n, sample_rate))
+    log.info("%s: pre-propagating %d sampled frames (every %d-th)", STAGE, len(index), sample_rate)
+    sample_frames = frames_u8[index]
+    sample_masks = masks[index]
+    flows_f, flows_b = _estimate_flows(sample_frames, nets, settings, runtime, progress)
+    _complete_flows(flows_f, flows_b, flow_masks[index], nets, settings, dtype, runtime, progress)
+    updated, updated_masks = _propagate_images(
+        sample_frames, {}, sample_masks, flows_f, flows_b, nets, settings, dtype, runtime, progress
+    )
+    masks[index] = updated_masks
+    return {i: updated[k].clone() for k, i in enumerate(index)}
+
+
+class _OutputWriter:
+    """Collects composited working-size frames and writes finished ones into the input-size output."""
+
+    def __init__(self, frames, masks, work_masks):
+        self.frames = frames
+        self.masks = masks
+        self.work_masks = work_masks
+        self.output = frames.clone()
+        self.out_masks = torch.empty_like(masks)
+        self.pending: Dict[int, torch.Tensor] = {}
+
+    def add(self, index: int, composite: torch.Tensor) -> None:
+        previous = self.pending.get(index)
+        if previous is None:
+            self.pending[index] = composite
+        else:
+            # The reference's running average of overlapping steps, truncated to uint8 each time.
+            mixed = previous.to(torch.float32) * 0.5 + composite.to(torch.float32) * 0.5
+            self.pending[index] = mixed.to(torch.uint8)
+
+    def flush(self, before: int, force: bool = False) -> None:
+        ready = sorted(i for i in self.pending if i < before)
+        if not ready or (len(ready) < OUTPUT_FLUSH_FRAMES and not force):
+            return
+        for k in range(0, len(ready), OUTPUT_FLUSH_FRAMES):
+            self._write(ready[k : k + OUTPUT_FLUSH_FRAMES])
+
+    def write_range(self, start: int, stop: int, work_frames: torch.Tensor) -> None:
+        """Frames whose working-size result is simply ``work_frames`` (nothing to fill there)."""
+        for i in range(start, stop):
+            self.pending[i] = work_frames[i]
+        self.flush(stop, force=True)
+
+    def _write(self, indices: List[int]) -> None:
+        height, width = self.frames.shape[1:3]
+        generated = torch.stack([self.pending.pop(i) for i in indices])
+        upscaled = resize_frames(generated, (height, width), mode="bicubic")
+        hole = resize_masks_nearest(self.work_masks[indices], (height, width)) | self.masks[indices]
+        self.out_masks[indices] = hole
+        self.output[indices] = torch.where(hole.unsqueeze(-1), upscaled, self.frames[indices])
+
+
+def _transformer(
+    work_frames, work_masks, masks_in, updated, updated_masks, flows_f, flows_b, writer, nets, settings, dtype,
+    runtime, progress,
+) -> None:
+    """Feature propagation + transformer over neighbour windows, composited into ``writer``."""
+    n, h, w, _ = work_frames.shape
+    stride = settings.neighbor_length // 2
+    ref_num = settings.subvideo_length // settings.ref_stride if n > settings.subvideo_length else -1
+    for f in range(0, n, stride):
+        runtime.check_interrupt()
+        neighbor_ids = list(range(max(0, f - stride), min(n, f + stride + 1)))
+        ref_ids = get_ref_index(f, neighbor_ids, n, settings.ref_stride, ref_num)
+        ids = neighbor_ids + ref_ids
+        local = len(neighbor_ids)
+        pred = None
+        for attempt in range(2):
+            out_of_memory = False
+            try:
+                pred = _transformer_step(ids, local, updated, masks_in, updated_masks, flows_f, flows_b, nets, dtype)
+            except Exception as exc:  # noqa: BLE001 - only the host's out-of-memory errors are handled
+                # One step cannot be split without changing its result: free the cache, retry once, then give up.
+                if not runtime.is_oom(exc) or attempt == 1:
+                    raise
+                out_of_memory = True
+            if out_of_memory:
+                runtime.empty_cache()
+                log.warning("%s: out of memory in the transformer at frame %d; retrying once", STAGE, f)
+                continue
+            break
+        pred = ((pred.to(torch.float32) + 1) / 2 * 255).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        hole = work_masks[neighbor_ids].unsqueeze(-1)
+        composite = torch.where(hole, pred, work_frames[neighbor_ids])
+        for k, index in enumerate(neighbor_ids):
+            writer.add(index, composite[k])
+        # The next step starts at frame f, so everything before f is final.
+        writer.flush(f)
+        progress.step(1)
+    nets.generator.release()
+    writer.flush(n, force=True)
+
+
+def _transformer_step(ids, local, updated, masks_in, updated_masks, flows_f, flows_b, nets, dtype) -> torch.Tensor:
+    h, w = updated.shape[-2:]
+    generator = _acquire(nets.generator, dtype, len(ids) * h * w * TRANSFORMER_BYTES_PER_PIXEL)
+    device = next(generator.parameters()).device
+    pair_ids = ids[: local - 1]
+    frames = updated[ids].to(device, dtype).unsqueeze(0)
+    m_in = _to_device_masks(masks_in[ids], device, dtype)
+    m_up = _to_device_masks(updated_masks[ids], device, dtype)
+    flows = (flows_f[pair_ids].to(device, dtype).unsqueeze(0), flows_b[pair_ids].to(device, dtype).unsqueeze(0))
+    with torch.inference_mode():
+        out = generator(frames, flows, m_in, m_up, local)
+    return out.reshape(local, 3, h, w).to("cpu")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def _check_inputs(frames: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    if not isinstance(frames, torch.Tensor) or frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[-1] != 3:
+        got = f"{tuple(frames.shape)} {frames.dtype}" if isinstance(frames, torch.Tensor) else type(frames).__name__
+        raise InputError(f"{STAGE}: frames must be uint8 [T,H,W,3], got {got}")
+    if not isinstance(masks, torch.Tensor) or masks.dtype != torch.bool or masks.dim() != 3:
+        got = f"{tuple(masks.shape)} {masks.dtype}" if isinstance(masks, torch.Tensor) else type(masks).__name__
+        raise InputError(f"{STAGE}: masks must be bool [T,H,W] (True = hole), got {got}")
+    if frames.device.type != "cpu" or masks.device.type != "cpu":
+        raise InputError(f"{STAGE}: frames and masks must be on the CPU, got {frames.device} and {masks.device}")
+    count, height, width = frames.shape[:3]
+    if count == 0:
+        raise InputError(f"{STAGE}: the video has no frames")
+    if masks.shape[0] not in (count, 1):
+        raise InputError(
+            f"{STAGE}: mask has {masks.shape[0]} frames but the video has {count}; "
+            "give one mask per frame or a single mask for all frames"
+        )
+    if tuple(masks.shape[1:]) != (height, width):
+        raise InputError(
+            f"{STAGE}: masks are {masks.shape[2]}x{masks.shape[1]} but the frames are {width}x{height}; "
+            "resize the masks to the video size first"
+        )
+    return masks.expand(count, height, width)
+
+
+def run_propainter_prior(
+    frames: torch.Tensor,
+    masks: torch.Tensor,
+    nets: ProPainterNets,
+    settings: Optional[ProPainterSettings] = None,
+    runtime=None,
+) -> PriorResult:
+    """ProPainter prior of a video (reference-spec section 9), streamed through ``runtime``.
+
+    ``frames`` uint8 [T,H,W,3] CPU; ``masks`` bool [T,H,W] or [1,H,W] CPU (True = hole). Returns
+    ``PriorResult(frames uint8 [T,H,W,3], masks bool [T,H,W])``: generated content inside the returned
+    (dilated) mask, the input's pixels outside it. An empty mask returns the input frames themselves (no copy)
+    without touching any network.
+    """
+    if runtime is None:
+        from .runtime import StandaloneRuntime
+
+        runtime = StandaloneRuntime()
+    settings = settings if settings is not None else ProPainterSettings()
+    settings.validate()
+    masks = _check_inputs(frames, masks)
+    count, height, width = frames.shape[:3]
+    if not bool(masks.any()):
+        return PriorResult(frames=frames, masks=masks.contiguous())
+    h, w = working_size(height, width, settings)
+    if min(h, w) < MIN_WORKING_SIDE:
+        raise InputError(
+            f"{STAGE}: the working size {w}x{h} (from {width}x{height}, resize_ratio {settings.resize_ratio}) is "
+            f"below the {MIN_WORKING_SIDE}-pixel minimum of RAFT; raise resize_ratio or use a larger video"
+        )
+    if count == 1:
+        # Flow needs a pair: run the frame twice (zero motion) and keep the first result.
+        result = run_propainter_prior(
+            frames.expand(2, height, width, 3), masks.expand(2, height, width), nets, settings, runtime
+        )
+        return PriorResult(frames=result.frames[:1].clone(), masks=result.masks[:1].clone())
+
+    dtype = settings.compute_dtype or runtime.dtype
+    work_frames = resize_frames(frames, (h, w), mode="bicubic")
+    work_masks = dilate_cross(resize_masks_nearest(masks, (h, w)), settings.mask_dilation)
+    writer = _OutputWriter(frames, masks, work_masks)
+    if not bool(work_masks.any()):
+        log.info("%s: the mask vanishes at the working size %dx%d; nothing for the networks to fill", STAGE, w, h)
+        writer.write_range(0, count, work_frames)
+        return PriorResult(frames=writer.output, masks=writer.out_masks)
+
+    chunk = settings.propagation_chunk
+    steps = len(range(0, count, settings.neighbor_length // 2))
+    total = 3 * count + steps
+    if settings.pre_propagation and count > chunk:
+        sampled = len(range(0, count, count // (chunk // 2)))
+        total += 3 * sampled
+    progress = _Progress(runtime, total)
+    log.info("%s: %d frames at %dx%d (input %dx%d), %s", STAGE, count, w, h, width, height, dtype)
+
+    flows_f, flows_b = _estimate_flows(work_frames, nets, settings, runtime, progress)
+    _complete_flows(flows_f, flows_b, work_masks, nets, settings, dtype, runtime, progress)
+    masks_in = work_masks.clone()
+    overrides = _pre_propagate(work_frames, masks_in, work_masks, nets, settings, dtype, runtime, progress)
+    updated, updated_masks = _propagate_images(
+        work_frames, overrides, masks_in, flows_f, flows_b, nets, settings, dtype, runtime, progress
+    )
+    del overrides
+    _transformer(
+        work_frames, work_masks, masks_in, updated, updated_masks, flows_f, flows_b, writer, nets, settings, dtype,
+        runtime, progress,
+    )
+    return PriorResult(frames=writer.output, masks=writer.out_masks)

@@ -1,0 +1,292 @@
+"""BrushNet residuals -> motion UNet, window by window, TCD step by step (reference sections 2, 3, 5).
+
+One denoising step walks the video in the staggered windows of ``windows.py`` (list A on even steps, B on odd):
+for each window its latents and BrushNet conditioning go to the device, BrushNet runs once on the window's frames
+(independently per frame), the motion UNet once on the whole window with BrushNet's 28 residuals, and the window
+moves by one deterministic TCD step (eta = 0, i.e. a DDIM step, as the reference's pipeline default). The windows'
+results are merged on the CPU with ``WindowAccumulator``; only one window is ever on the device.
+
+Classifier-free guidance runs only when ``guidance_scale > 1`` and a negative embedding is given (the reference
+forces guidance 0 for every PCM checkpoint, quirk 10): uncond and cond then go as a batch of 2, split into two
+passes when that batch does not fit in memory.
+
+BrushNet conditioning (section 2): the frame with its holes black (uint8, as the reference), VAE-encoded and scaled,
+concatenated with the mask at latent size (1 = known, 0 = hole; nearest, torch's default "nearest" as the
+reference's ``F.interpolate``) -> 5 channels.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+from .prior_injection import VAE_SCALING, ddim_update
+from .windows import DEFAULT_WINDOW_LENGTH, WindowAccumulator, windows_for_step
+
+log = logging.getLogger(__name__)
+
+#: frames per chunk when building the conditioning (resize / mask preparation / encode)
+CONDITIONING_CHUNK = 16
+#: rough activation bytes per latent pixel per frame per batch item per byte of dtype, for memory_required hints
+#: (SD1.5 motion UNet + BrushNet with SDPA; a hint for the host's memory manager, not a limit)
+ACTIVATION_BYTES_PER_LATENT_PIXEL = 60_000
+
+
+@dataclass
+class WindowSettings:
+    """Per-window knobs: window_length/overlap (22, 22//4), guidance_scale (CFG only if > 1 and a negative is
+    given), brushnet_scale (BrushNet conditioning_scale, 1.0), overwrite_last_overlap (reference quirk 3)."""
+
+    window_length: int = DEFAULT_WINDOW_LENGTH
+    window_overlap: Optional[int] = None
+    guidance_scale: float = 0.0
+    brushnet_scale: float = 1.0
+    overwrite_last_overlap: bool = True
+
+
+@dataclass
+class Conditioning:
+    """The whole video's BrushNet conditioning on the CPU.
+
+    masked_latents: scaled VAE latents of the masked frames, float32 ``[T,4,h,w]``.
+    known: bool ``[T,h,w]``, True = known pixel (the inverse of the hole mask) at latent size.
+    """
+
+    masked_latents: torch.Tensor
+    known: torch.Tensor
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.masked_latents.shape[0])
+
+    def window(self, start: int, stop: int) -> torch.Tensor:
+        """``brushnet_cond`` ``[F,5,h,w]`` float32 of frames ``[start, stop)``."""
+        known = self.known[start:stop].unsqueeze(1).to(torch.float32)
+        return torch.cat([self.masked_latents[start:stop], known], dim=1)
+
+    def select(self, indices: torch.Tensor) -> "Conditioning":
+        return Conditioning(self.masked_latents[indices], self.known[indices])
+
+
+def known_at_latent_size(hole_masks: torch.Tensor, latent_hw: Tuple[int, int]) -> torch.Tensor:
+    """bool holes ``[n,H,W]`` at the working size -> bool known ``[n,h,w]`` (nearest, as the reference)."""
+    known = (~hole_masks).unsqueeze(1).to(torch.float32)
+    return F.interpolate(known, size=tuple(latent_hw), mode="nearest")[:, 0] > 0.5
+
+
+def masked_frames(frames: torch.Tensor, holes: torch.Tensor) -> torch.Tensor:
+    """uint8 frames with the hole pixels black (``frame * (1 - mask)`` in uint8, reference section 2)."""
+    return frames * (~holes).unsqueeze(-1).to(torch.uint8)
+
+
+def build_conditioning(
+    frames: torch.Tensor,
+    masks: Optional[torch.Tensor],
+    latent_hw: Tuple[int, int],
+    codec,
+    mask_dilation: int = 8,
+    chunk: int = CONDITIONING_CHUNK,
+) -> Conditioning:
+    """Conditioning of uint8 frames ``[T,H,W,3]`` (any size) and raw bool hole masks ``[T,H,W]`` (True = hole).
+
+    Chunk by chunk: frames resized to the working size (latent size x 8, bicubic), masks resized (nearest) and
+    prepared as the reference (erode 1, dilate ``mask_dilation``), holes blacked out, encoded. ``masks=None`` means
+    every pixel is known (e.g. conditioning on the prior itself).
+    """
+    from .masks import prepare_diffueraser_masks, resize_masks_nearest
+    from .video import resize_frames
+
+    num = int(frames.shape[0])
+    h, w = int(latent_hw[0]), int(latent_hw[1])
+    size = (h * 8, w * 8)
+    if masks is not None and masks.shape[0] != num:
+        raise InputError(f"DiffuEraser Sampler: mask has {masks.shape[0]} frames but the video has {num}")
+    masked_latents = torch.empty((num, 4, h, w), dtype=torch.float32)
+    known = torch.ones((num, h, w), dtype=torch.bool)
+    for start in range(0, num, chunk):
+        stop = min(start + chunk, num)
+        part = resize_frames(frames[start:stop], size)
+        if masks is not None:
+            holes = prepare_diffueraser_masks(resize_masks_nearest(masks[start:stop], size), mask_dilation)
+            part = masked_frames(part, holes)
+            known[start:stop] = known_at_latent_size(holes, (h, w))
+        masked_latents[start:stop] = codec.encode(part).to(torch.float32) * VAE_SCALING
+    return Conditioning(masked_latents, known)
+
+
+def _model_dtype(module: torch.nn.Module) -> torch.dtype:
+    for p in module.parameters():
+        return p.dtype
+    return torch.float32
+
+
+def _repeat_frames(embedding: torch.Tensor, frames: int) -> torch.Tensor:
+    return embedding.repeat_interleave(frames, dim=0)
+
+
+def predict_noise(
+    unet: torch.nn.Module,
+    brushnet: torch.nn.Module,
+    x: torch.Tensor,
+    timestep: int,
+    cond: torch.Tensor,
+    embeddings: torch.Tensor,
+    brushnet_scale: float,
+) -> torch.Tensor:
+    """eps for a window: ``x`` ``[F,4,h,w]`` (scaled), ``cond`` ``[F,5,h,w]``, ``embeddings`` ``[B,L,D]`` (B text
+    embeddings, e.g. uncond + cond). Returns ``[B,F,4,h,w]`` float32 on the device."""
+    frames = x.shape[0]
+    batch = embeddings.shape[0]
+    device = x.device
+    b_dtype, u_dtype = _model_dtype(brushnet), _model_dtype(unet)
+    t = torch.tensor(int(timestep), device=device, dtype=torch.long)
+    sample = x.repeat(batch, 1, 1, 1)  # (b f) order
+    down, mid, up = brushnet(
+        sample.to(b_dtype),
+        t,
+        encoder_hidden_states=_repeat_frames(embeddings, frames).to(b_dtype),
+        brushnet_cond=cond.repeat(batch, 1, 1, 1).to(b_dtype),
+        conditioning_scale=brushnet_scale,
+    )
+    video = sample.view(batch, frames, *x.shape[1:]).permute(0, 2, 1, 3, 4)  # [B,4,F,h,w]
+    out = unet(
+        video.to(u_dtype),
+        t,
+        encoder_hidden_states=embeddings.to(u_dtype),
+        down_block_add_samples=[d.to(u_dtype) for d in down],
+        mid_block_add_sample=mid.to(u_dtype),
+        up_block_add_samples=[u.to(u_dtype) for u in up],
+    )
+    if not isinstance(out, torch.Tensor):  # a diffusers output object
+        out = out[0]
+    return out.permute(0, 2, 1, 3, 4).to(torch.float32)
+
+
+def _memory_hint(frames: int, latent_hw: Tuple[int, int], batch: int, dtype: torch.dtype) -> int:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return int(ACTIVATION_BYTES_PER_LATENT_PIXEL * frames * latent_hw[0] * latent_hw[1] * batch * itemsize)
+
+
+def _guided_noise(
+    models,
+    x: torch.Tensor,
+    timestep: int,
+    cond: torch.Tensor,
+    text: torch.Tensor,
+    negative: Optional[torch.Tensor],
+    settings: WindowSettings,
+    runtime,
+) -> torch.Tensor:
+    """eps of one window with CFG when asked, retrying a CFG batch as two passes on out-of-memory."""
+    use_cfg = negative is not None and settings.guidance_scale > 1.0
+    device = runtime.device
+    embeddings = torch.cat([negative, text]) if use_cfg else text
+    hw = (x.shape[2], x.shape[3])
+    batches = [embeddings] if not use_cfg else [embeddings, None]  # None: the split fallback
+    for attempt, emb in enumerate(batches):
+        try:
+            memory = _memory_hint(x.shape[0], hw, 1 if emb is None else emb.shape[0], runtime.dtype)
+            brushnet = models.brushnet.acquire(memory_required=memory)
+            unet = models.unet.acquire(memory_required=memory)
+            x_dev = x.to(device)
+            cond_dev = cond.to(device)
+            if emb is not None:
+                eps = predict_noise(unet, brushnet, x_dev, timestep, cond_dev, emb.to(device), settings.brushnet_scale)
+            else:
+                parts = [
+                    predict_noise(unet, brushnet, x_dev, timestep, cond_dev, e.to(device), settings.brushnet_scale)
+                    for e in (negative, text)
+                ]
+                eps = torch.cat(parts)
+            break
+        except Exception as exc:  # only out-of-memory is handled; everything else propagates unchanged
+            if not runtime.is_oom(exc):
+                raise
+            runtime.empty_cache()
+            if attempt + 1 < len(batches):
+                log.warning("DiffuEraser Sampler: out of memory with the CFG batch of 2; retrying as two passes")
+                continue
+            raise torch.OutOfMemoryError(
+                f"DiffuEraser Sampler: out of memory on a window of {x.shape[0]} frames at latent size "
+                f"{hw[0]}x{hw[1]} (frames {hw[1] * 8}x{hw[0] * 8}); this cannot be split further: lower the "
+                "resolution (max_side) or the window length"
+            ) from exc
+    if use_cfg:
+        uncond, cond_eps = eps[0], eps[1]
+        return uncond + settings.guidance_scale * (cond_eps - uncond)
+    return eps[0]
+
+
+def denoise_windows(
+    latents: torch.Tensor,
+    timestep_pairs: Sequence[Tuple[int, int]],
+    conditioning: Conditioning,
+    text_embeddings: torch.Tensor,
+    negative_embeddings: Optional[torch.Tensor],
+    models,
+    settings: WindowSettings,
+    runtime,
+    stage: str = "sampling",
+    step_numbers: Optional[Sequence[int]] = None,
+) -> torch.Tensor:
+    """Move scaled latents ``[T,4,h,w]`` (CPU) through ``timestep_pairs`` ((t, next t) per step), window by window.
+
+    Going down this is the TCD sampler; going up (pairs ascending) the DDIM inversion. ``step_numbers`` picks
+    the window list of each step (default 0, 1, 2, ...: list A on even numbers). Returns new float32 CPU latents.
+    """
+    num = int(latents.shape[0])
+    if conditioning.num_frames != num:
+        raise InputError(
+            f"DiffuEraser Sampler: conditioning has {conditioning.num_frames} frames but the latent has {num}"
+        )
+    if step_numbers is None:
+        step_numbers = list(range(len(timestep_pairs)))
+    schedule = [
+        windows_for_step(n, num, settings.window_length, settings.window_overlap) for n in step_numbers
+    ]
+    total = sum(len(w) for w in schedule)
+    done = 0
+    text = text_embeddings.detach().to("cpu", torch.float32)
+    negative = None if negative_embeddings is None else negative_embeddings.detach().to("cpu", torch.float32)
+    if text.dim() == 2:
+        text = text.unsqueeze(0)
+    if negative is not None and negative.dim() == 2:
+        negative = negative.unsqueeze(0)
+    latents = latents.to(torch.float32)
+    try:
+        for (t, s), windows in zip(timestep_pairs, schedule):
+            acc = WindowAccumulator(num, overwrite_last_overlap=settings.overwrite_last_overlap, dtype=torch.float32)
+            for start, stop in windows:
+                runtime.check_interrupt()
+                x = latents[start:stop]
+                eps = _guided_noise(
+                    models, x, t, conditioning.window(start, stop), text, negative, settings, runtime
+                )
+                moved = ddim_update(x.to(eps.device), eps, t, s).cpu()
+                acc.add(start, stop, moved)
+                done += 1
+                middle = moved.shape[0] // 2
+                runtime.progress(stage, done, total, preview_latent=moved[middle : middle + 1] / VAE_SCALING)
+            latents = acc.result()
+    finally:
+        models.brushnet.release()
+        models.unet.release()
+    return latents
+
+
+def check_latent_frames(latent_frames: int, frames: int, where: str = "DiffuEraser Sampler") -> None:
+    if latent_frames != frames:
+        raise InputError(
+            f"{where}: the latent has {latent_frames} frames but the video has {frames}; "
+            "inject the prior of this same video"
+        )
+
+
+def pairs_down(timesteps: List[int]) -> List[Tuple[int, int]]:
+    """TCD moves ``(t_k, t_{k+1})``, the last one to t = 0 (diffusers' TCD: a_0 = alphas_cumprod[0])."""
+    return list(zip(timesteps, timesteps[1:] + [0]))

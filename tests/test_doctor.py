@@ -1,0 +1,171 @@
+"""The model doctor on a ComfyUI-style models folder built here: exit codes and one line per file."""
+
+import io
+import json
+import os
+import shutil
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from diffueraser_core import doctor
+from diffueraser_core.__main__ import main as package_main
+from diffueraser_core.model_files import find_model_files
+from diffueraser_core.models.configs import TINY_BRUSHNET_CONFIG, TINY_UNET_MAIN_CONFIG
+from diffueraser_core.random_weights.lora import save_pcm_lora
+from diffueraser_core.random_weights.sd15 import save_text_encoder, save_vae
+
+PROPAINTER_FILES = {
+    "raft-things.pth": "propainter_raft_things.json",
+    "recurrent_flow_completion.pth": "propainter_recurrent_flow_completion.json",
+    "ProPainter.pth": "propainter_ProPainter.json",
+}
+
+
+class _RunsShellOnLoad:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _save_diffusers_folder(model, folder):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(dict(model.config), f, default=list)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+
+
+def _save_shapes_pth(path, shapes):
+    """A .pth with the official keys and shapes whose tensors share one element of storage (a few KB on disk)."""
+    zero = torch.zeros(1)
+    torch.save({k: zero.expand(*v) if v else zero[0] for k, v in shapes.items()}, path)
+
+
+def _write_header_only_safetensors(path, shapes):
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        nbytes = 2 * int(torch.tensor(shape).prod()) if shape else 2
+        header[name] = {"dtype": "F16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + offset)
+
+
+@pytest.fixture(scope="module")
+def good_models(tmp_path_factory, reference_dir):
+    from diffueraser_core.models.brushnet import BrushNetModel
+    from diffueraser_core.models.unet_motion import DiffuEraserUNet
+
+    root = tmp_path_factory.mktemp("models")
+    unet = DiffuEraserUNet.from_config(TINY_UNET_MAIN_CONFIG)
+    _save_diffusers_folder(unet, str(root / "diffueraser" / "diffuEraser" / "unet_main"))
+    _save_diffusers_folder(BrushNetModel.from_config(TINY_BRUSHNET_CONFIG),
+                           str(root / "diffueraser" / "diffuEraser" / "brushnet"))
+    save_pcm_lora(str(root / "diffueraser" / "pcm_sd15_smallcfg_2step_converted.safetensors"), unet)
+    (root / "propainter").mkdir()
+    for name, manifest in PROPAINTER_FILES.items():
+        shapes = json.loads((reference_dir / manifest).read_text())["tensors"]
+        _save_shapes_pth(str(root / "propainter" / name), shapes)
+    save_vae(str(root / "vae" / "vae-ft-mse-840000-ema-pruned.safetensors"))
+    save_text_encoder(str(root / "text_encoders" / "clip_l.safetensors"))
+    return root
+
+
+@pytest.fixture
+def models(tmp_path, good_models):
+    return shutil.copytree(good_models, tmp_path / "models")
+
+
+def _run(models_dir):
+    out = io.StringIO()
+    code = doctor.main(["--models", str(models_dir)], stream=out)
+    lines = {line.split()[1]: line for line in out.getvalue().splitlines()[1:-1]}
+    return code, lines, out.getvalue()
+
+
+def test_complete_folder_passes(models):
+    code, lines, text = _run(models)
+    assert code == 0, text
+    for key in ("unet_main", "brushnet", "pcm_lora", "raft", "flow_completion", "propainter", "vae", "text_encoder"):
+        assert lines[key].startswith("OK "), lines[key]
+    assert "unet_main layers patched" in lines["pcm_lora"]
+    assert lines["sd15_checkpoint"].startswith("- ") and "[optional]" in lines["sd15_checkpoint"]
+    assert text.rstrip().endswith("all 8 needed model files are usable")
+    assert find_model_files(str(models))["raft"] == str(models / "propainter" / "raft-things.pth")
+
+
+def test_each_problem_is_reported_with_its_reason(models, tmp_path):
+    os.remove(models / "diffueraser" / "pcm_sd15_smallcfg_2step_converted.safetensors")
+    brushnet = models / "diffueraser" / "diffuEraser" / "brushnet"
+    shutil.rmtree(brushnet)
+    shutil.copytree(models / "diffueraser" / "diffuEraser" / "unet_main", brushnet)  # unet in the brushnet slot
+    raft = models / "propainter" / "raft-things.pth"
+    raft.write_bytes(raft.read_bytes()[:200])
+    marker = tmp_path / "pwned"
+    torch.save({"w": torch.zeros(1), "x": _RunsShellOnLoad(marker)}, models / "propainter" / "ProPainter.pth")
+    flow = models / "propainter" / "recurrent_flow_completion.pth"
+    shapes = {k: tuple(v.shape) for k, v in torch.load(flow, weights_only=True).items()}
+    shapes["downsample.0.weight"] = (16, 3, 1, 5, 5)
+    _save_shapes_pth(str(flow), shapes)
+    from diffueraser_core.random_weights.sd15 import TINY_TEXT_CONFIG
+    save_text_encoder(str(models / "text_encoders" / "clip_l.safetensors"), dict(TINY_TEXT_CONFIG, hidden_size=48))
+
+    code, lines, text = _run(models)
+    assert code == 1
+    assert lines["pcm_lora"].startswith("MISSING") and "huggingface.co/wangfuyun/PCM_Weights" in lines["pcm_lora"]
+    assert lines["brushnet"].startswith("INVALID") and "expected DiffuEraser brushnet" in lines["brushnet"]
+    assert lines["raft"].startswith("INVALID") and "truncated" in lines["raft"]
+    assert lines["propainter"].startswith("INVALID") and "refused for safety" in lines["propainter"]
+    assert not marker.exists()
+    assert lines["flow_completion"].startswith("INVALID") and "downsample.0.weight" in lines["flow_completion"]
+    assert lines["text_encoder"].startswith("INVALID") and "width 48" in lines["text_encoder"]
+    for key in ("unet_main", "vae"):
+        assert lines[key].startswith("OK "), lines[key]
+    assert "5 of 8 needed model files are missing or invalid" in text
+
+
+def test_sd15_checkpoint_stands_in_for_vae_and_text_encoder(models):
+    from diffueraser_core.models.sd15_components import vae_diffusers_to_ldm
+    from diffueraser_core.random_weights.sd15 import build_text_encoder, build_vae
+
+    shutil.rmtree(models / "vae")
+    shutil.rmtree(models / "text_encoders")
+    vae = {k: tuple(v.shape) for k, v in vae_diffusers_to_ldm(build_vae().state_dict(), 4, 1).items()}
+    text = {k: tuple(v.shape) for k, v in build_text_encoder().state_dict().items() if "position_ids" not in k}
+    shapes = {"model.diffusion_model.input_blocks.0.0.weight": (32, 4, 3, 3),
+              **{"first_stage_model." + k: v for k, v in vae.items()},
+              **{"cond_stage_model.transformer." + k: v for k, v in text.items()}}
+    (models / "checkpoints").mkdir()
+    path = models / "checkpoints" / "v1-5-pruned-emaonly.safetensors"
+    _write_header_only_safetensors(str(path), shapes)
+    code, lines, text = _run(models)
+    assert code == 0, text
+    assert "inside the SD1.5 checkpoint" in lines["vae"] and "inside the SD1.5 checkpoint" in lines["text_encoder"]
+    assert lines["sd15_checkpoint"].startswith("OK ")
+
+
+def test_missing_folder_and_default_location(tmp_path, monkeypatch):
+    assert doctor.main(["--models", str(tmp_path / "nope")], stream=io.StringIO()) == 1
+    monkeypatch.setenv(doctor.ENV_MODELS_DIR, str(tmp_path))
+    expected = str(tmp_path)
+    if os.path.basename(os.path.dirname(doctor.PACK_DIR)) == "custom_nodes":
+        expected = os.path.join(os.path.dirname(os.path.dirname(doctor.PACK_DIR)), "models")
+    assert doctor.default_models_dir() == expected
+    monkeypatch.delenv(doctor.ENV_MODELS_DIR)
+    monkeypatch.chdir(tmp_path)
+    if expected == str(tmp_path):
+        assert doctor.default_models_dir() == str(tmp_path / "models")
+
+
+def test_package_entry_point_runs_the_doctor(models, capsys):
+    os.remove(models / "propainter" / "raft-things.pth")
+    assert package_main(["doctor", "--models", str(models)]) == 1
+    out = capsys.readouterr().out
+    assert "MISSING" in out and "github.com/sczhou/ProPainter/releases/tag/v0.1.0" in out
