@@ -157,7 +157,8 @@ def _load_propainter(found: dict, runtime):
     )
 
 
-def run(args, stream=sys.stderr) -> None:
+def run(args, stream=None) -> None:
+    """Run one removal from parsed arguments; progress lines go to ``stream`` (default: the current stderr)."""
     import torch
 
     from .pipeline import SamplerSettings, remove_objects
@@ -188,6 +189,13 @@ def run(args, stream=sys.stderr) -> None:
         raft_iter=args.raft_iter,
     )
     propainter.validate()
+    device = torch.device(args.device) if args.device else _auto_device()
+    _check_device(device)
+    parent = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(parent):
+        from .errors import InputError
+
+        raise InputError(f"{PROG}: the folder of OUTPUT {args.output!r} does not exist: {parent!r}")
     models_dir = args.models or _default_models_dir()
     found = _check_models(models_dir, args.prior_only, args.lora)
 
@@ -196,10 +204,9 @@ def run(args, stream=sys.stderr) -> None:
     num, height, width = int(frames.shape[0]), int(frames.shape[1]), int(frames.shape[2])
     working_size(height, width, args.max_side, node=f"{PROG} {args.video!r}")
     masks = read_masks(args.mask, num, (height, width))
-    printer = _ProgressPrinter(stream, args.quiet)
+    printer = _ProgressPrinter(stream or sys.stderr, args.quiet)
     printer(f"read {num} frames {width}x{height} at {float(video.fps):g} fps", 1, 1)
 
-    device = torch.device(args.device) if args.device else _auto_device()
     runtime = StandaloneRuntime(device=device, progress_callback=printer)
     nets = _load_propainter(found, runtime)
     models = codec = text = None
@@ -222,6 +229,21 @@ def run(args, stream=sys.stderr) -> None:
     audio_from = args.video if getattr(video, "has_audio", False) else None
     write_video(args.output, out, video.fps, audio_from=audio_from)
     printer(f"wrote {args.output}", 1, 1)
+
+
+def _check_device(device) -> None:
+    import torch
+
+    from .errors import InputError
+
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available(),
+        "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
+    }
+    if not available.get(device.type, False):
+        usable = ", ".join(name for name, ok in available.items() if ok)
+        raise InputError(f"{PROG}: --device {device.type!r} is not available here; usable: {usable}")
 
 
 def _auto_device():

@@ -164,7 +164,11 @@ class _Doctor:
         except (ImportError, AttributeError):
             network_class = None
         if network_class is not None:
-            with torch.device("meta"):
+            try:
+                with torch.device("meta"):
+                    network = network_class(**kwargs)
+            except (NotImplementedError, RuntimeError):
+                # Some constructors compute index buffers with data-dependent ops the meta device cannot run.
                 network = network_class(**kwargs)
             return _meta_shapes(network), class_name
         manifest = os.path.join(MANIFEST_DIR, PROPAINTER_MANIFESTS[key])

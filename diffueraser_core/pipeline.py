@@ -2,7 +2,8 @@
 blend. Used by the CLI; the ComfyUI nodes call the same stages one by one.
 
 Memory: frames stay uint8 and masks bool on the CPU; every stage works chunk by chunk or window by window; the only
-whole-video float tensors are latents (1/48 of the pixels' count in float32).
+whole-video float tensors are latent-sized (4 float32 per 8x8 pixel block: 1/12 of the uint8 frames' bytes at the
+working size), a few of them at a time (start latents, BrushNet conditioning, the step's merged result).
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ log = logging.getLogger(__name__)
 VAE_CHUNK = 4
 #: frames per chunk for resizing / decoding whole videos
 FRAME_CHUNK = 16
-#: activation bytes per pixel per frame for the VAE's memory_required hint (decoder at full resolution dominates)
-VAE_BYTES_PER_PIXEL = 2_500
+#: VAE activation bytes per image pixel per byte of dtype, for memory_required hints (the estimates ComfyUI uses
+#: for the SD1.5 VAE: the decoder at full resolution dominates)
+VAE_ENCODE_BYTES_PER_PIXEL = 1767
+VAE_DECODE_BYTES_PER_PIXEL = 2178
 DEFAULT_MAX_SIDE = 960
 DEFAULT_FEATHER = 21
 NODE = "DiffuEraser"
@@ -61,7 +64,7 @@ class DiffusersVaeCodec:
         self.runtime = runtime
         self.chunk = max(1, int(chunk))
 
-    def _run(self, items: torch.Tensor, fn, out_shape, out_dtype, pixels_per_item: int) -> torch.Tensor:
+    def _run(self, items: torch.Tensor, fn, out_shape, out_dtype, bytes_per_item: int) -> torch.Tensor:
         num = int(items.shape[0])
         out = torch.empty((num, *out_shape), dtype=out_dtype)
         chunk = self.chunk
@@ -71,7 +74,7 @@ class DiffusersVaeCodec:
                 self.runtime.check_interrupt()
                 stop = min(start + chunk, num)
                 try:
-                    vae = self.handle.acquire(memory_required=VAE_BYTES_PER_PIXEL * pixels_per_item * (stop - start))
+                    vae = self.handle.acquire(memory_required=bytes_per_item * (stop - start))
                     out[start:stop] = fn(vae, items[start:stop])
                 except Exception as exc:  # only out-of-memory is retried
                     if not self.runtime.is_oom(exc) or chunk == 1:
@@ -84,6 +87,9 @@ class DiffusersVaeCodec:
         finally:
             self.handle.release()
         return out
+
+    def _itemsize(self) -> int:
+        return torch.empty((), dtype=self.runtime.dtype).element_size()
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[-1] != 3:
@@ -98,7 +104,8 @@ class DiffusersVaeCodec:
             x = part.to(device).permute(0, 3, 1, 2).to(dtype) / 127.5 - 1.0
             return vae.encode(x).latent_dist.mean.to("cpu", torch.float32)
 
-        return self._run(frames, fn, (4, height // 8, width // 8), torch.float32, height * width)
+        per_frame = VAE_ENCODE_BYTES_PER_PIXEL * height * width * self._itemsize()
+        return self._run(frames, fn, (4, height // 8, width // 8), torch.float32, per_frame)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         if latents.dim() != 4 or latents.shape[1] != 4:
@@ -112,7 +119,12 @@ class DiffusersVaeCodec:
             x = ((x / 2 + 0.5).clamp(0, 1) * 255).round()
             return x.permute(0, 2, 3, 1).to("cpu", torch.uint8)
 
-        return self._run(latents, fn, (h * 8, w * 8, 3), torch.uint8, h * w * 64)
+        per_frame = VAE_DECODE_BYTES_PER_PIXEL * h * w * 64 * self._itemsize()
+        return self._run(latents, fn, (h * 8, w * 8, 3), torch.uint8, per_frame)
+
+
+# motion_max_seq_length of the official unet_main: the temporal attention's positional table has 32 entries.
+MAX_WINDOW_LENGTH = 32
 
 
 @dataclass
@@ -130,8 +142,11 @@ class SamplerSettings:
 
     def __post_init__(self):
         check_steps(self.steps)
-        if int(self.window_length) != self.window_length or self.window_length < 1:
-            raise InputError(f"DiffuEraser Sampler: window_length must be an integer >= 1, got {self.window_length!r}")
+        if int(self.window_length) != self.window_length or not 1 <= self.window_length <= MAX_WINDOW_LENGTH:
+            raise InputError(
+                f"DiffuEraser Sampler: window_length must be an integer in 1..{MAX_WINDOW_LENGTH} (the motion "
+                f"modules' positional table holds {MAX_WINDOW_LENGTH} frames), got {self.window_length!r}"
+            )
         if int(self.mask_dilation) != self.mask_dilation or self.mask_dilation < 0:
             raise InputError(f"DiffuEraser Sampler: mask_dilation must be an integer >= 0, got {self.mask_dilation!r}")
         if self.guidance_scale < 0:

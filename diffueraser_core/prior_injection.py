@@ -221,6 +221,9 @@ class StartLatents:
             shape = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__
             raise InputError(f"{where}: latent 'samples' must be [frames, 4, h, w] (SD1.5 VAE), got {shape}")
         samples = samples.detach().to("cpu", torch.float32)
+        bad = int((~torch.isfinite(samples)).sum())
+        if bad:
+            raise InputError(f"{where}: the latent contains {bad} NaN/inf values; re-run the node that made it")
         data = latent.get(LATENT_KEY)
         if data is None:
             log.info("%s: plain LATENT given; using it as the start latent at t=999 (no pre-inference)", where)

@@ -7,9 +7,13 @@ Reproduces DiffuEraser's ``propainter/inference.py`` (reference-spec section 9) 
   goes to ``runtime.device`` and comes back, so peak device memory depends on the chunk lengths and the
   resolution, never on the video length.
 * Each network is acquired through its runtime handle once per chunk with a rough memory estimate, so the host
-  can make room; on an out-of-memory error the chunk is halved and the same frames are computed again.
+  can make room. On an out-of-memory error the cache is emptied and the same frames are computed again with
+  half the chunk: exact for RAFT (pairs are independent); for flow completion and image propagation only the
+  frames next to the extra chunk boundary can differ (as with a smaller subvideo_length). A transformer step
+  cannot be split without changing its result, so it is retried once and the error raised if it recurs.
 * The result is at the input size: the generated working-size frames are upscaled (bicubic, antialiased) and
-  composited inside the dilated mask; every pixel outside it is the input's, bit for bit.
+  composited inside the dilated mask (the working-size dilated mask upscaled by nearest neighbour, united with
+  the input mask so no hole pixel is ever left out); every pixel outside it is the input's, bit for bit.
 
 Reference behaviour kept on purpose: the working size (ratio 0.6, longer side capped at 960, rounded down to
 a multiple of 8), ProPainter's cross-shaped mask dilation, RAFT in fp32 on consecutive pairs in short clips,
@@ -19,20 +23,19 @@ padded chunks, the neighbour/reference frame selection of the transformer, the u
 
 Deliberate differences: the prior is not round-tripped through an mp4 file (quirk 7) and is composited back at
 the input size instead of being written at the unrounded 0.6x size; transformer outputs are clamped to 0..255
-before the uint8 truncation (numpy's cast of out-of-range floats is undefined); a 1-frame video runs as the
-frame repeated twice (the reference cannot compute flow for it).
+before the uint8 truncation (numpy's cast of out-of-range floats is undefined); flows and propagated frames are
+stored in fp16 between stages also when computing in fp32 (the reference keeps fp32 on the CPU, fp16 on GPU);
+a 1-frame video runs as the frame repeated twice (the reference cannot compute flow for it).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from .errors import InputError
 from .masks import dilate_cross, resize_masks_nearest
@@ -65,11 +68,13 @@ SIZE_MULTIPLE = 8
 # RAFT's 4-level correlation pyramid halves the 1/8-size feature map three times: 8 pixels -> 1 is the floor.
 MIN_WORKING_SIDE = 64
 
-# Rough activation sizes for the memory estimates given to handle.acquire (upper bounds, not measurements).
-RAFT_BYTES_PER_PIXEL = 1024
-COMPLETION_BYTES_PER_PIXEL = 1536
-PROPAGATION_BYTES_PER_PIXEL = 256
-TRANSFORMER_BYTES_PER_PIXEL = 3072
+# Memory estimates given to handle.acquire so the host can make room: activation values per working-size pixel
+# of one frame (RAFT: per pair, both directions run one after the other), times the element size. Rough upper
+# bounds from the layer widths, not measurements (no GPU was available to measure them).
+RAFT_VALUES_PER_PIXEL = 256
+COMPLETION_VALUES_PER_PIXEL = 384
+PROPAGATION_VALUES_PER_PIXEL = 64
+TRANSFORMER_VALUES_PER_PIXEL = 384
 # Finished working-size frames are upscaled and written to the output this many at a time.
 OUTPUT_FLUSH_FRAMES = 16
 
@@ -122,6 +127,12 @@ class ProPainterSettings:
         for name, value, ok, rule in checks:
             if not ok:
                 raise InputError(f"{STAGE}: {name} must be {rule}, got {value!r}")
+        if self.compute_dtype is not None and not (
+            isinstance(self.compute_dtype, torch.dtype) and self.compute_dtype.is_floating_point
+        ):
+            raise InputError(
+                f"{STAGE}: compute_dtype must be a floating torch dtype or None, got {self.compute_dtype!r}"
+            )
         for row in self.raft_clip_lengths:
             if len(row) != 2 or row[1] < 2:
                 raise InputError(f"{STAGE}: raft_clip_lengths rows must be (max_side, frames>=2), got {row!r}")
@@ -161,8 +172,11 @@ def load_propainter_nets(folder, runtime) -> ProPainterNets:
     from .models.raft import load_raft
 
     folder = os.fspath(folder)
+    raft = load_raft(os.path.join(folder, RAFT_FILE))
+    # The reference runs RAFT in fp32 even in its fp16 mode; the runtime honours this pin (runtime.dtype_for).
+    raft.preferred_dtype = torch.float32
     return ProPainterNets(
-        raft=runtime.wrap(load_raft(os.path.join(folder, RAFT_FILE)), "propainter_raft"),
+        raft=runtime.wrap(raft, "propainter_raft"),
         flow_completion=runtime.wrap(
             load_flow_completion(os.path.join(folder, FLOW_COMPLETION_FILE)), "propainter_flow_completion"
         ),
@@ -171,11 +185,17 @@ def load_propainter_nets(folder, runtime) -> ProPainterNets:
 
 
 def working_size(height: int, width: int, settings: ProPainterSettings) -> Tuple[int, int]:
-    """The reference's processing size ``(h, w)``: ratio (reduced so the longer side <= max_side), int(), /8 down."""
+    """The reference's processing size ``(h, w)``: ratio (reduced so the longer side <= max_side), int(), /8 down.
+
+    Documented fallback: when that would make the shorter side smaller than RAFT's 64-pixel minimum (small
+    clips at ratio 0.6), the ratio is raised just enough to keep 64 pixels, up to the input size itself.
+    """
     ratio = settings.resize_ratio
-    longer = max(height, width)
+    longer, shorter = max(height, width), min(height, width)
     if longer > settings.max_side:
         ratio = ratio * settings.max_side / longer
+    if ratio * shorter < MIN_WORKING_SIDE <= shorter:
+        ratio = min(1.0, (MIN_WORKING_SIDE + 0.5) / shorter)
     if ratio != 1.0:
         height, width = int(ratio * height), int(ratio * width)
     return height - height % SIZE_MULTIPLE, width - width % SIZE_MULTIPLE
@@ -247,11 +267,16 @@ def _run_chunks(
         progress.step(count)
 
 
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
 def _acquire(handle, dtype: torch.dtype, memory_required: int) -> torch.nn.Module:
     module = handle.acquire(memory_required=int(memory_required))
     param = next(module.parameters(), None)
     if param is not None and param.dtype != dtype:
-        # The host loaded it in another precision (e.g. RAFT, which the reference always runs in fp32).
+        # The host gave it in another precision: an explicit settings.compute_dtype, or RAFT from a host that
+        # ignores ``preferred_dtype`` (the reference always runs RAFT in fp32).
         module = module.to(dtype=dtype)
     return module
 
@@ -282,10 +307,11 @@ def _estimate_flows(frames_u8, nets, settings, runtime, progress) -> Tuple[torch
     flows_f = torch.empty((pairs, 2, h, w), dtype=torch.float16)
     flows_b = torch.empty((pairs, 2, h, w), dtype=torch.float16)
     clip_pairs = settings.raft_clip_length(max(h, w)) - 1
+    # all-pairs correlation volume at 1/8 size in fp32, plus its pyramid (1 + 1/4 + 1/16 + ...)
     corr_bytes = (h // 8 * (w // 8)) ** 2 * 4 * 4 // 3
 
     def run(start: int, count: int) -> None:
-        raft = _acquire(nets.raft, torch.float32, count * (corr_bytes + h * w * RAFT_BYTES_PER_PIXEL))
+        raft = _acquire(nets.raft, torch.float32, count * (corr_bytes + h * w * RAFT_VALUES_PER_PIXEL * 4))
         device = next(raft.parameters()).device
         clip = _to_device_frames(frames_u8[start : start + count + 1], device, torch.float32)[0]
         with torch.inference_mode():
@@ -313,7 +339,7 @@ def _complete_flows(flows_f, flows_b, flow_masks, nets, settings, dtype, runtime
     def run(start: int, count: int) -> None:
         s = max(0, start - pad)
         e = min(length, start + count + pad)
-        model = _acquire(nets.flow_completion, dtype, (e - s) * h * w * COMPLETION_BYTES_PER_PIXEL)
+        model = _acquire(nets.flow_completion, dtype, (e - s) * h * w * COMPLETION_VALUES_PER_PIXEL * _itemsize(dtype))
         device = next(model.parameters()).device
         gt = (flows_f[s:e].to(device, dtype).unsqueeze(0), flows_b[s:e].to(device, dtype).unsqueeze(0))
         masks = _to_device_masks(flow_masks[s : e + 1], device, dtype)
@@ -343,7 +369,7 @@ def _propagate_images(
     def run(start: int, count: int) -> None:
         s = max(0, start - pad)
         e = min(n, start + count + pad)
-        generator = _acquire(nets.generator, dtype, (e - s) * h * w * PROPAGATION_BYTES_PER_PIXEL)
+        generator = _acquire(nets.generator, dtype, (e - s) * h * w * PROPAGATION_VALUES_PER_PIXEL * _itemsize(dtype))
         device = next(generator.parameters()).device
         frames = _to_device_frames(frames_u8[s:e], device, torch.float32)
         for i in range(s, e):
@@ -466,13 +492,12 @@ def _transformer(
         # The next step starts at frame f, so everything before f is final.
         writer.flush(f)
         progress.step(1)
-    nets.generator.release()
     writer.flush(n, force=True)
 
 
 def _transformer_step(ids, local, updated, masks_in, updated_masks, flows_f, flows_b, nets, dtype) -> torch.Tensor:
     h, w = updated.shape[-2:]
-    generator = _acquire(nets.generator, dtype, len(ids) * h * w * TRANSFORMER_BYTES_PER_PIXEL)
+    generator = _acquire(nets.generator, dtype, len(ids) * h * w * TRANSFORMER_VALUES_PER_PIXEL * _itemsize(dtype))
     device = next(generator.parameters()).device
     pair_ids = ids[: local - 1]
     frames = updated[ids].to(device, dtype).unsqueeze(0)
@@ -489,7 +514,8 @@ def _transformer_step(ids, local, updated, masks_in, updated_masks, flows_f, flo
 
 
 def _check_inputs(frames: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    if not isinstance(frames, torch.Tensor) or frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[-1] != 3:
+    is_frames = isinstance(frames, torch.Tensor) and frames.dtype == torch.uint8 and frames.dim() == 4
+    if not is_frames or frames.shape[-1] != 3:
         got = f"{tuple(frames.shape)} {frames.dtype}" if isinstance(frames, torch.Tensor) else type(frames).__name__
         raise InputError(f"{STAGE}: frames must be uint8 [T,H,W,3], got {got}")
     if not isinstance(masks, torch.Tensor) or masks.dtype != torch.bool or masks.dim() != 3:
@@ -541,7 +567,7 @@ def run_propainter_prior(
     if min(h, w) < MIN_WORKING_SIDE:
         raise InputError(
             f"{STAGE}: the working size {w}x{h} (from {width}x{height}, resize_ratio {settings.resize_ratio}) is "
-            f"below the {MIN_WORKING_SIDE}-pixel minimum of RAFT; raise resize_ratio or use a larger video"
+            f"below the {MIN_WORKING_SIDE}-pixel minimum of RAFT; use a video at least {MIN_WORKING_SIDE} pixels a side"
         )
     if count == 1:
         # Flow needs a pair: run the frame twice (zero motion) and keep the first result.
@@ -559,25 +585,29 @@ def run_propainter_prior(
         writer.write_range(0, count, work_frames)
         return PriorResult(frames=writer.output, masks=writer.out_masks)
 
+    # progress units: RAFT pairs + completed flows + propagated frames (+ the same for pre-propagation) + steps
     chunk = settings.propagation_chunk
-    steps = len(range(0, count, settings.neighbor_length // 2))
-    total = 3 * count + steps
+    total = 3 * count - 2 + len(range(0, count, settings.neighbor_length // 2))
     if settings.pre_propagation and count > chunk:
-        sampled = len(range(0, count, count // (chunk // 2)))
-        total += 3 * sampled
+        total += 3 * len(range(0, count, count // (chunk // 2))) - 2
     progress = _Progress(runtime, total)
     log.info("%s: %d frames at %dx%d (input %dx%d), %s", STAGE, count, w, h, width, height, dtype)
 
-    flows_f, flows_b = _estimate_flows(work_frames, nets, settings, runtime, progress)
-    _complete_flows(flows_f, flows_b, work_masks, nets, settings, dtype, runtime, progress)
-    masks_in = work_masks.clone()
-    overrides = _pre_propagate(work_frames, masks_in, work_masks, nets, settings, dtype, runtime, progress)
-    updated, updated_masks = _propagate_images(
-        work_frames, overrides, masks_in, flows_f, flows_b, nets, settings, dtype, runtime, progress
-    )
-    del overrides
-    _transformer(
-        work_frames, work_masks, masks_in, updated, updated_masks, flows_f, flows_b, writer, nets, settings, dtype,
-        runtime, progress,
-    )
+    try:
+        flows_f, flows_b = _estimate_flows(work_frames, nets, settings, runtime, progress)
+        _complete_flows(flows_f, flows_b, work_masks, nets, settings, dtype, runtime, progress)
+        masks_in = work_masks.clone()
+        overrides = _pre_propagate(work_frames, masks_in, work_masks, nets, settings, dtype, runtime, progress)
+        updated, updated_masks = _propagate_images(
+            work_frames, overrides, masks_in, flows_f, flows_b, nets, settings, dtype, runtime, progress
+        )
+        del overrides
+        _transformer(
+            work_frames, work_masks, masks_in, updated, updated_masks, flows_f, flows_b, writer, nets, settings,
+            dtype, runtime, progress,
+        )
+    finally:
+        # Also after a cancel or an error, so the host can offload the networks.
+        for handle in (nets.raft, nets.flow_completion, nets.generator):
+            handle.release()
     return PriorResult(frames=writer.output, masks=writer.out_masks)

@@ -38,7 +38,11 @@ class ModelHandle:
 
     def acquire(self, memory_required: int = 0) -> torch.nn.Module:
         rt = self.runtime
-        self.module.to(device=rt.device, dtype=rt.dtype_for(self.module))
+        device, dtype = rt.device, rt.dtype_for(self.module)
+        first = next(self.module.parameters(), None)
+        # Stages acquire once per window; only move when something changed (a no-op .to() is not free).
+        if first is None or first.device != device or first.dtype != dtype:
+            self.module.to(device=device, dtype=dtype)
         return self.module
 
     def release(self) -> None:

@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 #: frames per chunk when building the conditioning (resize / mask preparation / encode)
 CONDITIONING_CHUNK = 16
 #: rough activation bytes per latent pixel per frame per batch item per byte of dtype, for memory_required hints
-#: (SD1.5 motion UNet + BrushNet with SDPA; a hint for the host's memory manager, not a limit)
-ACTIVATION_BYTES_PER_LATENT_PIXEL = 60_000
+#: (SD1.5 motion UNet + BrushNet with SDPA: a 22-frame 720p window in fp16 ~ 7.6 GB; a hint for the host's
+#: memory manager, not a limit)
+ACTIVATION_BYTES_PER_LATENT_PIXEL = 12_000
 
 
 @dataclass
@@ -167,6 +168,10 @@ def predict_noise(
     return out.permute(0, 2, 1, 3, 4).to(torch.float32)
 
 
+# An out-of-memory window is retried once asking for this many times the estimate (see _guided_noise).
+OOM_RETRY_MEMORY_FACTOR = 2
+
+
 def _memory_hint(frames: int, latent_hw: Tuple[int, int], batch: int, dtype: torch.dtype) -> int:
     itemsize = torch.empty((), dtype=dtype).element_size()
     return int(ACTIVATION_BYTES_PER_LATENT_PIXEL * frames * latent_hw[0] * latent_hw[1] * batch * itemsize)
@@ -182,15 +187,22 @@ def _guided_noise(
     settings: WindowSettings,
     runtime,
 ) -> torch.Tensor:
-    """eps of one window with CFG when asked, retrying a CFG batch as two passes on out-of-memory."""
+    """eps of one window with CFG when asked.
+
+    On out-of-memory: a CFG batch is retried as two passes; then the window is retried once asking the host for
+    twice the memory, which makes ComfyUI free more or load the networks partially (low-VRAM streaming). The
+    temporal attention needs the whole window at once, so a window itself is never split.
+    """
     use_cfg = negative is not None and settings.guidance_scale > 1.0
     device = runtime.device
     embeddings = torch.cat([negative, text]) if use_cfg else text
     hw = (x.shape[2], x.shape[3])
-    batches = [embeddings] if not use_cfg else [embeddings, None]  # None: the split fallback
-    for attempt, emb in enumerate(batches):
+    # (embeddings or None for the split CFG passes, factor on the memory asked for)
+    attempts = [(embeddings, 1)] + ([(None, 1)] if use_cfg else [])
+    attempts.append((attempts[-1][0], OOM_RETRY_MEMORY_FACTOR))
+    for attempt, (emb, factor) in enumerate(attempts):
         try:
-            memory = _memory_hint(x.shape[0], hw, 1 if emb is None else emb.shape[0], runtime.dtype)
+            memory = factor * _memory_hint(x.shape[0], hw, 1 if emb is None else emb.shape[0], runtime.dtype)
             brushnet = models.brushnet.acquire(memory_required=memory)
             unet = models.unet.acquire(memory_required=memory)
             x_dev = x.to(device)
@@ -208,8 +220,10 @@ def _guided_noise(
             if not runtime.is_oom(exc):
                 raise
             runtime.empty_cache()
-            if attempt + 1 < len(batches):
-                log.warning("DiffuEraser Sampler: out of memory with the CFG batch of 2; retrying as two passes")
+            if attempt + 1 < len(attempts):
+                log.warning("DiffuEraser Sampler: out of memory on a window (attempt %d); retrying with %s",
+                            attempt + 1, "two CFG passes" if attempts[attempt + 1][0] is None and emb is not None
+                            else "more memory requested from the host")
                 continue
             raise torch.OutOfMemoryError(
                 f"DiffuEraser Sampler: out of memory on a window of {x.shape[0]} frames at latent size "

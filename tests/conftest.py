@@ -8,7 +8,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # Copies of the official key/shape manifests and tiny configs (data, kept with the tests so a clone is enough).
 REFERENCE_DIR = REPO / "tests" / "reference"
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread: the tiny test networks are dominated by thread-sync overhead with more.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -21,36 +21,36 @@ class FakeInterrupt(Exception):
 
 
 def _cast_classes(record):
-    def cast(t, x):
-        return None if t is None else t.to(device=x.device, dtype=x.dtype)
+    def cast(t, like):
+        return None if t is None else t.to(device=like.device, dtype=like.dtype)
 
     class Linear(torch.nn.Linear):
         comfy_cast_weights = True
 
-        def forward(self, x):
+        def forward(self, input):
             record["cast_forwards"] += 1
-            return F.linear(x, cast(self.weight, x), cast(self.bias, x))
+            return F.linear(input, cast(self.weight, input), cast(self.bias, input))
 
     class Conv2d(torch.nn.Conv2d):
         comfy_cast_weights = True
 
-        def forward(self, x):
+        def forward(self, input):
             record["cast_forwards"] += 1
-            return self._conv_forward(x, cast(self.weight, x), cast(self.bias, x))
+            return self._conv_forward(input, cast(self.weight, input), cast(self.bias, input))
 
     class GroupNorm(torch.nn.GroupNorm):
         comfy_cast_weights = True
 
-        def forward(self, x):
+        def forward(self, input):
             record["cast_forwards"] += 1
-            return F.group_norm(x, self.num_groups, cast(self.weight, x), cast(self.bias, x), self.eps)
+            return F.group_norm(input, self.num_groups, cast(self.weight, input), cast(self.bias, input), self.eps)
 
     class LayerNorm(torch.nn.LayerNorm):
         comfy_cast_weights = True
 
-        def forward(self, x):
+        def forward(self, input):
             record["cast_forwards"] += 1
-            return F.layer_norm(x, self.normalized_shape, cast(self.weight, x), cast(self.bias, x), self.eps)
+            return F.layer_norm(input, self.normalized_shape, cast(self.weight, input), cast(self.bias, input), self.eps)
 
     return types.SimpleNamespace(Linear=Linear, Conv2d=Conv2d, GroupNorm=GroupNorm, LayerNorm=LayerNorm)
 

@@ -8,12 +8,10 @@ import struct
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from diffueraser_core import doctor
 from diffueraser_core.__main__ import main as package_main
 from diffueraser_core.model_files import find_model_files
-from diffueraser_core.models.configs import TINY_BRUSHNET_CONFIG, TINY_UNET_MAIN_CONFIG
 from diffueraser_core.random_weights.lora import save_pcm_lora
 from diffueraser_core.random_weights.sd15 import save_text_encoder, save_vae
 
@@ -30,14 +28,6 @@ class _RunsShellOnLoad:
 
     def __reduce__(self):
         return os.system, (f"touch {self.marker}",)
-
-
-def _save_diffusers_folder(model, folder):
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(dict(model.config), f, default=list)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              os.path.join(folder, "diffusion_pytorch_model.safetensors"))
 
 
 def _save_shapes_pth(path, shapes):
@@ -60,14 +50,13 @@ def _write_header_only_safetensors(path, shapes):
 
 @pytest.fixture(scope="module")
 def good_models(tmp_path_factory, reference_dir):
-    from diffueraser_core.models.brushnet import BrushNetModel
-    from diffueraser_core.models.unet_motion import DiffuEraserUNet
+    from diffueraser_core.models.checkpoints import load_unet_main
+    from diffueraser_core.random_weights.diffusion import save_brushnet_folder, save_unet_main_folder
 
     root = tmp_path_factory.mktemp("models")
-    unet = DiffuEraserUNet.from_config(TINY_UNET_MAIN_CONFIG)
-    _save_diffusers_folder(unet, str(root / "diffueraser" / "diffuEraser" / "unet_main"))
-    _save_diffusers_folder(BrushNetModel.from_config(TINY_BRUSHNET_CONFIG),
-                           str(root / "diffueraser" / "diffuEraser" / "brushnet"))
+    save_unet_main_folder(root / "diffueraser" / "diffuEraser" / "unet_main")
+    save_brushnet_folder(root / "diffueraser" / "diffuEraser" / "brushnet")
+    unet = load_unet_main(str(root / "diffueraser" / "diffuEraser" / "unet_main"))
     save_pcm_lora(str(root / "diffueraser" / "pcm_sd15_smallcfg_2step_converted.safetensors"), unet)
     (root / "propainter").mkdir()
     for name, manifest in PROPAINTER_FILES.items():
@@ -128,7 +117,7 @@ def test_each_problem_is_reported_with_its_reason(models, tmp_path):
     assert lines["text_encoder"].startswith("INVALID") and "width 48" in lines["text_encoder"]
     for key in ("unet_main", "vae"):
         assert lines[key].startswith("OK "), lines[key]
-    assert "5 of 8 needed model files are missing or invalid" in text
+    assert "6 of 8 needed model files are missing or invalid: brushnet, pcm_lora, raft" in text
 
 
 def test_sd15_checkpoint_stands_in_for_vae_and_text_encoder(models):

@@ -172,7 +172,8 @@ def models(tmp_path_factory):
     from diffueraser_core.models import sd15_components
 
     root = tmp_path_factory.mktemp("models")
-    paths = random_weights.make_models_folder(str(root))
+    # ProPainter's networks only exist full size (slow on a CPU): written only for the slow test below.
+    paths = random_weights.make_models_folder(str(root), propainter=False)
     mp = pytest.MonkeyPatch()
     mp.setenv(folders.MODELS_DIR_ENV, str(root))
     mp.delenv(folders.ALLOW_DOWNLOAD_ENV, raising=False)
@@ -185,7 +186,7 @@ def models(tmp_path_factory):
     nodes_loaders.clear_cache()
 
 
-def _clip(frames=6, h=64, w=96):
+def _clip(frames=4, h=64, w=96):
     g = torch.Generator().manual_seed(3)
     images = torch.rand(frames, h, w, 3, generator=g)
     mask = torch.zeros(1, h, w)
@@ -201,38 +202,82 @@ def _sampler_args(models, images, mask, latent, **kw):
     return args
 
 
-def test_nodes_end_to_end(models):
+@pytest.fixture(scope="module")
+def run(models):
+    """Prior injection -> loader -> sampler -> decode -> blend once through the standalone runtime (shared by the
+    tests below: CPU time is scarce). The prior is the video itself (any IMAGE is a valid prior)."""
     N = pack.NODE_CLASS_MAPPINGS
     images, mask = _clip()
-    (pnets,) = N["DiffuEraserProPainterLoader"]().load("raft-things.pth", "recurrent_flow_completion.pth",
-                                                      "ProPainter.pth")
-    prior, dilated = N["DiffuEraserProPainterPrior"]().run(images, mask, pnets, 1.0, 960, 4, 10, 10, 80, 1)
-    assert prior.shape == images.shape and prior.dtype == torch.float32
-    assert dilated.shape == (6, 64, 96) and bool(dilated[:, 30, 45].all())
-    as_u8 = (images * 255).round()
-    outside = ~dilated.bool()
-    assert torch.equal((prior * 255).round()[outside], as_u8[outside])  # ProPainter touched only the hole
-
-    (latent,) = N["DiffuEraserPriorInjection"]().inject(models["vae"], prior, 5, "forward_noise", 1.0, 960, 2)
-    assert latent["samples"].shape == (6, 4, 8, 12)
-
+    (latent,) = N["DiffuEraserPriorInjection"]().inject(models["vae"], images, 5, "forward_noise", 1.0, 960, 2)
     (model,) = N["DiffuEraserModelLoader"]().load("diffuEraser/unet_main", "diffuEraser/brushnet",
                                                   "pcm_sd15_smallcfg_2step_converted.safetensors", 1.0)
-    sampler = N["DiffuEraserSampler"]()
-    (out,) = sampler.sample(**_sampler_args(models, images, mask, latent, diffueraser_model=model))
-    assert out["samples"].shape == (6, 4, 8, 12) and torch.isfinite(out["samples"]).all()
-    (again,) = sampler.sample(**_sampler_args(models, images, mask, latent, diffueraser_model=model))
-    assert torch.equal(out["samples"], again["samples"])  # deterministic
-    (latent2,) = N["DiffuEraserPriorInjection"]().inject(models["vae"], prior, 6, "forward_noise", 1.0, 960, 2)
-    (other,) = sampler.sample(**_sampler_args(models, images, mask, latent2, diffueraser_model=model))
-    assert not torch.equal(out["samples"], other["samples"])  # the seed matters
-
+    (out,) = N["DiffuEraserSampler"]().sample(**_sampler_args(models, images, mask, latent, diffueraser_model=model))
     generated = models["vae"].decode(out["samples"])
     (blended,) = N["DiffuEraserBlend"]().blend(images, generated, mask, 8, 21)
+    return dict(images=images, mask=mask, latent=latent, samples=out["samples"], blended=blended)
+
+
+def test_nodes_end_to_end(run):
+    images = run["images"]
+    frames, h, w = images.shape[:3]
+    as_u8 = (images * 255).round()
+    assert run["latent"]["samples"].shape == (frames, 4, h // 8, w // 8)
+    assert "diffueraser" in run["latent"]  # what the sampler needs beyond the start latent
+    assert run["samples"].shape == (frames, 4, h // 8, w // 8) and torch.isfinite(run["samples"]).all()
+    blended = run["blended"]
     assert blended.shape == images.shape
     changed = ((blended * 255).round() != as_u8).any(-1)
     assert changed[:, 30, 45].all()  # the hole was filled
     assert not changed[:, :, :4].any()  # far from the mask: the original, bit for bit
+
+
+@pytest.mark.slow
+def test_propainter_nodes_end_to_end(models):
+    from diffueraser_core.random_weights.propainter import save_propainter_weights
+
+    save_propainter_weights(str(models["root"] / "propainter"))
+    N = pack.NODE_CLASS_MAPPINGS
+    images, mask = _clip(frames=3)
+    (pnets,) = N["DiffuEraserProPainterLoader"]().load("raft-things.pth", "recurrent_flow_completion.pth",
+                                                      "ProPainter.pth")
+    prior, dilated = N["DiffuEraserProPainterPrior"]().run(images, mask, pnets, 1.0, 960, 4, 10, 10, 80, 1)
+    assert prior.shape == images.shape and prior.dtype == torch.float32
+    assert dilated.shape == (3, 64, 96) and bool(dilated[:, 30, 45].all())
+    as_u8 = (images * 255).round()
+    outside = ~dilated.bool()
+    assert torch.equal((prior * 255).round()[outside], as_u8[outside])  # ProPainter touched only the hole
+    assert not torch.equal((prior * 255).round(), as_u8)
+
+
+def test_comfy_path_agrees_with_standalone_and_cancels(models, run, monkeypatch):
+    """Same nodes with a fake ComfyUI injected: ModelPatcher/load_models_gpu/ProgressBar used, same latents."""
+    import sys
+
+    from test_bridge import FakeInterrupt, make_fake_comfy
+
+    record = {"loads": [], "patchers": [], "bars": [], "interrupt_checks": 0, "interrupt": False,
+              "cast_forwards": 0, "empty_cache": 0}
+    for name, module in make_fake_comfy(record).items():
+        monkeypatch.setitem(sys.modules, name, module)
+    nodes_loaders.clear_cache()
+    try:
+        N = pack.NODE_CLASS_MAPPINGS
+        (model,) = N["DiffuEraserModelLoader"]().load("diffuEraser/unet_main", "diffuEraser/brushnet",
+                                                      "pcm_sd15_smallcfg_2step_converted.safetensors", 1.0)
+        assert len(record["patchers"]) == 3  # unet, brushnet, and the unet clone carrying the LoRA patches
+        args = _sampler_args(models, run["images"], run["mask"], run["latent"], diffueraser_model=model)
+        (out,) = N["DiffuEraserSampler"]().sample(**args, unique_id="42")
+        torch.testing.assert_close(out["samples"], run["samples"], rtol=1e-4, atol=1e-4)
+        assert record["loads"] and record["cast_forwards"] > 0
+        assert record["bars"] and all(bar.node_id == "42" for bar in record["bars"])
+        assert record["bars"][-1].updates[-1][0] == record["bars"][-1].updates[-1][1]  # ran to completion
+        assert record["interrupt_checks"] > 0
+        record["interrupt"], record["interrupt_checks"] = True, 0
+        with pytest.raises(FakeInterrupt):
+            N["DiffuEraserSampler"]().sample(**args, unique_id="42")
+        assert record["interrupt_checks"] == 1  # stopped at the first check
+    finally:
+        nodes_loaders.clear_cache()
 
 
 def test_lora_strength_repatches_without_reloading(models):

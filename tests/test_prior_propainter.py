@@ -8,7 +8,6 @@ wrong reference frame changes their output), against a whole-video transcription
 
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 
@@ -44,14 +43,14 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 def make_clip(count, height, width, seed=0):
     """Smooth moving gradients (so flow and propagation have structure) and a moving box mask."""
     g = torch.Generator().manual_seed(seed)
-    ys = torch.arange(height).view(1, height, 1, 1).float()
-    xs = torch.arange(width).view(1, 1, width, 1).float()
-    t = torch.arange(count).view(count, 1, 1, 1).float()
-    phase = torch.rand(1, 1, 1, 3, generator=g) * 6
-    frames = 127.5 + 100 * torch.sin((xs + 2 * t) / 9 + phase) * torch.cos((ys - t) / 13 + phase)
-    frames = (frames + torch.rand(count, height, width, 3, generator=g) * 20).clamp(0, 255).to(torch.uint8)
+    ys = torch.arange(height).view(height, 1, 1).float()
+    xs = torch.arange(width).view(1, width, 1).float()
+    phase = torch.rand(1, 1, 3, generator=g) * 6
+    frames = torch.empty(count, height, width, 3, dtype=torch.uint8)
     masks = torch.zeros(count, height, width, dtype=torch.bool)
-    for i in range(count):
+    for i in range(count):  # frame by frame: the memory test must not see a float copy of the clip
+        frame = 127.5 + 100 * torch.sin((xs + 2 * i) / 9 + phase) * torch.cos((ys - i) / 13 + phase)
+        frames[i] = (frame + torch.rand(height, width, 3, generator=g) * 20).clamp(0, 255).to(torch.uint8)
         top, left = height // 3 + i % 5, width // 3 + (2 * i) % 7
         masks[i, top : top + height // 4, left : left + width // 4] = True
     return frames, masks
@@ -201,7 +200,8 @@ def whole_video_reference(frames_u8, masks, nets, s):
         for f in range(0, count, stride):
             nb = list(range(max(0, f - stride), min(count, f + stride + 1)))
             ids = nb + get_ref_index(f, nb, count, s.ref_stride, ref_num)
-            pred = gen(updated[:, ids], (pf[:, nb[:-1]], pb[:, nb[:-1]]), masks_dilated[:, ids], updated_masks[:, ids], len(nb))
+            flows = (pf[:, nb[:-1]], pb[:, nb[:-1]])
+            pred = gen(updated[:, ids], flows, masks_dilated[:, ids], updated_masks[:, ids], len(nb))
             pred = ((pred[0] + 1) / 2 * 255).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
             for k, i in enumerate(nb):
                 img = torch.where(dil[0, i, 0, :, :, None] > 0, pred[k], frames_u8[i])
@@ -235,9 +235,9 @@ def test_random_weights_use_the_official_wrapping(official_folder):
     assert not any(key.startswith("module.") for key in completion)
 
 
-def test_end_to_end_official_weights_deterministic_and_oom_safe(official_nets, official_folder):
+def test_end_to_end_official_weights_deterministic_and_oom_safe(official_nets):
     runtime, nets = official_nets
-    frames, masks = make_clip(4, 108, 108)  # working size int(0.6*108) = 64, RAFT's minimum
+    frames, masks = make_clip(3, 108, 108)  # working size int(0.6*108) = 64, RAFT's minimum
     settings = ProPainterSettings(raft_iter=2)
     events = []
     runtime.progress_callback = lambda stage, done, total, preview: events.append((stage, done, total))
@@ -252,12 +252,13 @@ def test_end_to_end_official_weights_deterministic_and_oom_safe(official_nets, o
     outside = ~result.masks
     assert torch.equal(result.frames[outside], frames[outside])
     assert not torch.equal(result.frames[masks], frames[masks])
-    assert events and events[-1][0] == "prior" and events[-1][1] == events[-1][2]
+    assert events[-1] == ("prior", 8, 8)  # 2 flows, 2 completed flows, 3 propagated frames, 1 step
 
     # Every network runs out of memory once on its first big request: the chunk is halved (RAFT, completion)
     # or the step retried (transformer), and the frames are the same as the undisturbed run.
     oom_runtime = OomOnceRuntime(limit=5_000_000, device="cpu")
-    oom_nets = load_propainter_nets(official_folder, oom_runtime)
+    handles = (nets.raft, nets.flow_completion, nets.generator)
+    oom_nets = ProPainterNets(*(oom_runtime.wrap(handle.module, handle.name) for handle in handles))
     again = run_propainter_prior(frames, masks, oom_nets, settings, oom_runtime)
     assert sorted(oom_runtime.raised) == ["propainter_flow_completion", "propainter_generator", "propainter_raft"]
     assert torch.equal(again.frames, result.frames) and torch.equal(again.masks, result.masks)
@@ -299,12 +300,27 @@ def test_streaming_equals_whole_video_reference_loops():
     frames, masks = make_clip(17, 64, 64)
     settings = ProPainterSettings(resize_ratio=1.0, subvideo_length=8, ref_stride=2, neighbor_length=4, raft_iter=3)
     expected = whole_video_reference(frames, masks, nets, settings)
+    events = []
+    runtime.progress_callback = lambda stage, done, total, preview: events.append((done, total))
     result = run_propainter_prior(frames, masks, nets, settings, runtime)
+    runtime.progress_callback = None
+    assert [done for done, _ in events] == sorted(done for done, _ in events) and events[-1] == (71, 71)
     assert torch.equal(result.masks, dilate_cross(masks, settings.mask_dilation))
     assert torch.equal(result.frames, expected)
-    # the pre-propagation matters here: without it the result differs
-    off = ProPainterSettings(**{**settings.__dict__, "pre_propagation": False})
-    assert not torch.equal(run_propainter_prior(frames, masks, nets, off, runtime).frames, expected)
+
+
+def test_compute_dtype_runs_the_networks_in_that_precision():
+    runtime = StandaloneRuntime(device="cpu")
+    nets = fake_nets(runtime)
+    frames, masks = make_clip(6, 64, 64)
+    settings = ProPainterSettings(resize_ratio=1.0, raft_iter=2)
+    full = run_propainter_prior(frames, masks, nets, settings, runtime)
+    bf16 = ProPainterSettings(**{**settings.__dict__, "compute_dtype": torch.bfloat16})
+    half = run_propainter_prior(frames, masks, nets, bf16, runtime)
+    assert nets.generator.module.mix.dtype == torch.bfloat16 and nets.raft.module.scale.dtype == torch.float32
+    diff = (half.frames.float() - full.frames.float()).abs()
+    assert torch.equal(half.frames[~half.masks], frames[~half.masks])
+    assert 0 < diff.max() and diff.mean() < 2.0
 
 
 def test_interrupt_stops_the_stage():
@@ -324,6 +340,17 @@ def test_empty_mask_returns_input_without_networks():
     result = run_propainter_prior(frames, torch.zeros_like(masks), nets, ProPainterSettings(), StandaloneRuntime("cpu"))
     assert result.frames is frames
     assert result.masks.shape == masks.shape and not bool(result.masks.any())
+
+
+def test_mask_that_vanishes_at_the_working_size_needs_no_network():
+    frames, _ = make_clip(3, 128, 128)
+    masks = torch.zeros(3, 128, 128, dtype=torch.bool)
+    masks[:, 40, 41] = True  # nearest-exact at half size samples odd pixels only: this one disappears
+    nets = ProPainterNets(ForbiddenHandle(), ForbiddenHandle(), ForbiddenHandle())
+    result = run_propainter_prior(frames, masks, nets, ProPainterSettings(resize_ratio=0.5), StandaloneRuntime("cpu"))
+    assert torch.equal(result.masks, masks)
+    assert torch.equal(result.frames[~masks], frames[~masks])
+    assert not torch.equal(result.frames[masks], frames[masks])  # the upscaled working frame fills the hole
 
 
 def test_two_frames_and_a_single_broadcast_mask():
@@ -351,8 +378,9 @@ def test_bad_inputs_are_input_errors():
         run_propainter_prior(frames, masks.float(), nets, ProPainterSettings(), runtime)
     with pytest.raises(InputError, match="no frames"):
         run_propainter_prior(frames[:0], masks[:0], nets, ProPainterSettings(), runtime)
-    with pytest.raises(InputError, match="working size 32x32"):
-        run_propainter_prior(frames, masks, nets, ProPainterSettings(resize_ratio=0.5), runtime)
+    small_frames, small_masks = make_clip(2, 56, 56)
+    with pytest.raises(InputError, match=r"working size 32x32 \(from 56x56.* below the 64-pixel minimum"):
+        run_propainter_prior(small_frames, small_masks, nets, ProPainterSettings(), runtime)
     with pytest.raises(InputError, match="neighbor_length must be >= 2, got 1"):
         run_propainter_prior(frames, masks, nets, ProPainterSettings(neighbor_length=1), runtime)
 
@@ -362,6 +390,9 @@ def test_working_size_follows_the_reference():
     assert working_size(720, 1280, s) == (320, 576)  # ratio 0.6*960/1280 = 0.45 -> 324x576 -> /8
     assert working_size(240, 432, s) == (144, 256)  # 0.6 -> 144x259 -> /8
     assert working_size(480, 640, ProPainterSettings(resize_ratio=1.0)) == (480, 640)
+    # documented fallback: a ratio that would fall under RAFT's 64 pixels is raised just enough
+    assert working_size(64, 64, ProPainterSettings(resize_ratio=0.5)) == (64, 64)
+    assert working_size(96, 160, s) == (64, 104)  # 0.6 would give 56x96
     assert s.raft_clip_length(640) == 12 and s.raft_clip_length(720) == 8
     assert s.raft_clip_length(1280) == 4 and s.raft_clip_length(1281) == 2
     # all frames every ref_stride when the video fits one sub-video; otherwise a window around the step
@@ -378,7 +409,7 @@ from diffueraser_core.prior_propainter import ProPainterSettings, run_propainter
 from diffueraser_core.runtime import StandaloneRuntime
 runtime = StandaloneRuntime(device="cpu")
 frames, masks = tests.make_clip(int(sys.argv[1]), 128, 128)
-settings = ProPainterSettings(resize_ratio=0.5, raft_iter=1)
+settings = ProPainterSettings(resize_ratio=0.5, raft_iter=1, subvideo_length=20)
 result = run_propainter_prior(frames, masks, tests.fake_nets(runtime), settings, runtime)
 assert result.frames.shape[0] == int(sys.argv[1])
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
@@ -394,11 +425,13 @@ def _peak_rss(count):
     return int(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_cpu_memory_grows_only_by_frame_storage():
-    # 128x128 input, 64x64 working size. Per frame the stage keeps: input + output frames (3+3 B/px) and masks
-    # (1+1 B/px) at the input size; working frames (3), three masks (3), fp16 flows both ways (8) and fp16
-    # propagated frames (6) at the working size: 8*128*128 + 20*64*64 = 213 KB. A float32 whole-video copy at
-    # the input size (12 B/px = 196 KB/frame) would break the bound below.
+    # 128x128 input, 64x64 working size, subvideo_length 20 so both lengths run full-size chunks. Per frame the
+    # stage keeps: input + output frames (3+3 B/px) and masks (1+1 B/px) at the input size; working frames (3),
+    # three masks (3), fp16 flows both ways (8) and fp16 propagated frames (6) at the working size:
+    # 8*128*128 + 20*64*64 = 213 KB (measured growth ~47 MiB for 240 frames). A float32 whole-video copy at the
+    # input size (12 B/px = 196 KB/frame, +45 MiB) would break the bound below.
     per_frame = 8 * 128 * 128 + 20 * 64 * 64
     growth = _peak_rss(300) - _peak_rss(60)
     bound = 240 * per_frame * 1.25 + 16 * 2**20

@@ -31,6 +31,16 @@ TEXT_DIM = 32  # the tiny UNet's cross_attention_dim
 LATENT_HW = (4, 6)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The tiny networks are dominated by thread synchronisation: on a shared CPU two intra-op threads run them
+    # many times slower than one. Restored afterwards.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="module")
 def nets():
     return build_unet_main(seed=1), build_brushnet(seed=2), build_vae(seed=3)
@@ -246,3 +256,14 @@ def test_sample_video_runs_pre_inference_only_on_long_clips(nets):
     )
     assert "pre-inference" not in {c[0] for c in rec.calls}
     assert not torch.allclose(out, no_pre)
+    # a plain LATENT (no "diffueraser" key) is the start latent at t=999; without a prior there is no pre-inference
+    rec.calls.clear()
+    plain = StartLatents.from_latent_dict({"samples": start.latent.clone()})
+    from_plain = sample_video(plain, frames, masks, text(), None, models, codec, settings, runtime)
+    assert "pre-inference" not in {c[0] for c in rec.calls}
+    assert torch.equal(from_plain, no_pre)
+    # the dict written by to_latent_dict carries everything: same result as the StartLatents itself
+    rec.calls.clear()
+    via_dict = sample_video(StartLatents.from_latent_dict(start.to_latent_dict()), frames, masks, text(), None, models,
+                            codec, settings, runtime)
+    assert torch.equal(via_dict, out)

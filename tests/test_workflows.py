@@ -5,7 +5,6 @@ comfy_extras/nodes_mask.py): socket inputs, outputs and widgets in the order the
 """
 
 import json
-import os
 import pathlib
 
 import pytest

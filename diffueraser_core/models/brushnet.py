@@ -22,6 +22,7 @@ from diffusers.models.unets.unet_2d_blocks import get_down_block, get_mid_block,
 from torch import nn
 
 from ..errors import InputError, ModelFileError
+from .unet_motion import match_text_batch
 
 logger = logging.getLogger(__name__)
 
@@ -259,8 +260,8 @@ class BrushNetModel(ModelMixin, ConfigMixin):
         """Residuals for the motion UNet, frame by frame.
 
         sample [N, 4, h, w] noisy latents (frames folded into N); timestep scalar or [N]; encoder_hidden_states
-        [N, L, D]; brushnet_cond [N, 5, h, w]. Returns (down: 12 tensors, mid, up: 15 tensors) for the SD1.5 layout,
-        each multiplied by conditioning_scale, in the weights' dtype.
+        [N or 1, L, D]; brushnet_cond [N, 5, h, w]. Returns (down: 12 tensors, mid, up: 15 tensors) for the SD1.5
+        layout, each multiplied by conditioning_scale, in the weights' dtype.
         """
         if sample.ndim != 4 or brushnet_cond.ndim != 4 or sample.shape[0] != brushnet_cond.shape[0] or (
             sample.shape[2:] != brushnet_cond.shape[2:]
@@ -278,7 +279,7 @@ class BrushNetModel(ModelMixin, ConfigMixin):
         dtype = self.conv_in_condition.weight.dtype
         if self.config.brushnet_conditioning_channel_order == "bgr":
             brushnet_cond = torch.flip(brushnet_cond, dims=[1])
-        text = encoder_hidden_states.to(dtype)
+        text = match_text_batch(encoder_hidden_states, sample.shape[0], STAGE).to(dtype)
         emb = self._time_embedding(timestep, sample.shape[0], sample.device)
 
         hidden = self.conv_in_condition(torch.cat([sample.to(dtype), brushnet_cond.to(dtype)], dim=1))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import inspect
 import os
 import pickle
 import struct
@@ -42,16 +43,40 @@ def read_state_dict(path: str, what: str = "model file") -> Dict[str, torch.Tens
             raise ModelFileError(
                 f"{what}: {path!r} is not a readable safetensors file (truncated or corrupt?): {exc}"
             ) from None
+    return _flatten_checkpoint(_torch_load_weights_only(path, what, mmap=False), path, what)
+
+
+# What torch's weights-only unpickler says when a file asks for code (a global it does not allow).
+_UNSAFE_PICKLE_MARKERS = ("Unsupported global", "Unsupported class", "unsupported GLOBAL", "is blocked")
+# torch.load on random or cut-off bytes can fail with almost any error type from deep inside its unpickler.
+_CORRUPT_TORCH_FILE_ERRORS = (
+    pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError,
+    TypeError, AttributeError, UnicodeDecodeError, struct.error, OverflowError, MemoryError,
+)
+
+
+def _torch_load_weights_only(path: str, what: str, mmap: bool):
+    """torch.load(weights_only=True) with every failure turned into a ModelFileError that says which kind it is."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except _CORRUPT_TORCH_FILE_ERRORS as exc:
+        message = str(exc)
+        if isinstance(exc, pickle.UnpicklingError) and any(m in message for m in _UNSAFE_PICKLE_MARKERS):
+            first = next((line for line in message.splitlines() if "global" in line.lower()), message.splitlines()[0])
+            raise ModelFileError(
+                f"{what}: {path!r} needs arbitrary code to unpickle and was refused for safety "
+                f"(only plain tensor checkpoints are accepted): {first.strip()}"
+            ) from None
+        if mmap and isinstance(exc, (RuntimeError, ValueError)) and "mmap" in message.lower():
+            raise _NotMappable() from None
         raise ModelFileError(
-            f"{what}: {path!r} needs arbitrary code to unpickle and was refused for safety "
-            f"(only plain tensor checkpoints are accepted): {str(exc).splitlines()[0]}"
+            f"{what}: {path!r} is not a readable PyTorch checkpoint (truncated or corrupt?): "
+            f"{type(exc).__name__}: {message.splitlines()[0] if message else ''}"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise ModelFileError(f"{what}: {path!r} could not be read (truncated or corrupt?): {exc}") from None
-    return _flatten_checkpoint(obj, path, what)
+
+
+class _NotMappable(Exception):
+    """Legacy (non-zip) torch files cannot be memory-mapped."""
 
 
 def _flatten_checkpoint(obj, path: str, what: str) -> Dict[str, torch.Tensor]:
@@ -164,17 +189,9 @@ def _safetensors_header_shapes(path: str, size: int, what: str) -> TensorShapes:
 def _read_torch_file_mmap(path: str, what: str) -> Dict[str, torch.Tensor]:
     """Like read_state_dict for pickle-based files, but memory-mapped so that only headers are touched."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as exc:
-        raise ModelFileError(
-            f"{what}: {path!r} needs arbitrary code to unpickle and was refused for safety "
-            f"(only plain tensor checkpoints are accepted): {str(exc).splitlines()[0]}"
-        ) from None
-    except (RuntimeError, ValueError):
-        # Legacy (non-zip) torch files cannot be memory-mapped; read them the ordinary safe way.
+        obj = _torch_load_weights_only(path, what, mmap=True)
+    except _NotMappable:
         return read_state_dict(path, what)
-    except (EOFError, zipfile.BadZipFile, OSError) as exc:
-        raise ModelFileError(f"{what}: {path!r} could not be read (truncated or corrupt?): {exc}") from None
     return _flatten_checkpoint(obj, path, what)
 
 
@@ -247,6 +264,9 @@ _SDXL_UNET_MARKERS = any_of(
 )
 
 
+SDXL_TEXT_FEATURES = 2048  # concatenated CLIP-L + OpenCLIP-bigG features that SDXL cross-attends to
+
+
 def _sdxl_lora(keys: _Keys) -> bool:
     """SDXL LoRAs: second text encoder, SGM block names, or cross-attention from the 2048-wide SDXL text features."""
     if keys.any_prefix("lora_te2_") or keys.any_prefix("text_encoder_2.") or keys.any_contains("add_embedding"):
@@ -260,8 +280,6 @@ def _sdxl_lora(keys: _Keys) -> bool:
                 return True
     return False
 
-
-SDXL_TEXT_FEATURES = 2048  # concatenated CLIP-L + OpenCLIP-bigG features that SDXL cross-attends to
 
 # (family, conditions that must all hold); the first matching family wins, so specific ones come first.
 FAMILY_RULES: List[Tuple[str, List[Condition]]] = [
@@ -522,8 +540,12 @@ def _config_from_shapes(keys: _Keys, spec: _NetworkSpec) -> dict:
 
 def _build_on_meta(spec: _NetworkSpec, config: dict):
     model_class = spec.model_class()
+    # Official configs carry keys the class does not take (e.g. conditioning_channels in unet_main's); dropping
+    # them here keeps diffusers from warning on every load.
+    init_keys = set(inspect.signature(model_class.__init__).parameters)
+    accepted = {k: v for k, v in config.items() if k in init_keys or k.startswith("_")}
     with torch.device("meta"):
-        return model_class.from_config(config)
+        return model_class.from_config(accepted)
 
 
 def _first(names, limit: int = 5) -> str:

@@ -150,7 +150,9 @@ class DeformableAlignment(ModulatedDeformConv2d):
         nn.init.zeros_(self.conv_offset[-1].weight)
         nn.init.zeros_(self.conv_offset[-1].bias)
 
-    def forward(self, x: torch.Tensor, condition: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, condition: torch.Tensor, flow: torch.Tensor
+    ) -> torch.Tensor:
         offset_a, offset_b, modulation = torch.chunk(self.conv_offset(condition), 3, dim=1)
         offset = self.max_residue_magnitude * torch.tanh(torch.cat((offset_a, offset_b), dim=1))
         # deform-conv offsets are (dy, dx) per tap; the flow is (dx, dy)
@@ -374,14 +376,15 @@ class SparseWindowAttention(nn.Module):
         wh, ww = self.window_size
         eh, ew = self.expand_size
         padded_h, padded_w = win_rows * wh, win_cols * ww
-        rows = (torch.arange(win_rows, device=device) * wh).view(-1, 1, 1, 1) + torch.arange(wh, device=device).view(1, 1, -1, 1)
-        cols = (torch.arange(win_cols, device=device) * ww).view(1, -1, 1, 1) + torch.arange(ww, device=device).view(1, 1, 1, -1)
-        # rows [R,1,wh,1], cols [1,C,1,ww] -> positions [R*C, wh*ww]
+        # rows [R,1,wh,1], cols [1,C,1,ww]: absolute coordinates of every window's tokens
+        rows = (torch.arange(win_rows, device=device) * wh).view(-1, 1, 1, 1)
+        rows = rows + torch.arange(wh, device=device).view(1, 1, -1, 1)
+        cols = (torch.arange(win_cols, device=device) * ww).view(1, -1, 1, 1)
+        cols = cols + torch.arange(ww, device=device).view(1, 1, 1, -1)
+
         def positions(row_shift: int, col_shift: int) -> torch.Tensor:
-            r = (rows - row_shift) % padded_h
-            c = (cols - col_shift) % padded_w
-            grid = r.unsqueeze(2) * padded_w + c.unsqueeze(2)  # [R, C, 1, wh, ww] via broadcasting
-            return grid.reshape(win_rows * win_cols, wh * ww)
+            flat = ((rows - row_shift) % padded_h) * padded_w + (cols - col_shift) % padded_w  # [R, C, wh, ww]
+            return flat.reshape(win_rows * win_cols, wh * ww)
 
         own = positions(0, 0)
         shifted = torch.cat(
@@ -434,7 +437,9 @@ class SparseWindowAttention(nn.Module):
                 k = _partition_windows(key_full[i:i + 1], self.window_size, heads)[0, plain_windows]
                 v = _partition_windows(value_full[i:i + 1], self.window_size, heads)[0, plain_windows]
                 out[i, plain_windows] = F.scaled_dot_product_attention(
-                    q, k.reshape(n, heads * t, window_tokens, head_dim), v.reshape(n, heads * t, window_tokens, head_dim)
+                    q,
+                    k.reshape(n, heads * t, window_tokens, head_dim),
+                    v.reshape(n, heads * t, window_tokens, head_dim),
                 ).view(n, heads, t, window_tokens, head_dim)
 
         out = out.view(b, win_rows, win_cols, heads, t, wh, ww, head_dim)
@@ -567,6 +572,7 @@ class InpaintGenerator(nn.Module):
         """Flow-guided pixel propagation: ``masked_frames [b,t,3,H,W]``, ``completed_flows = (forward, backward)``
         each ``[b,t-1,2,H,W]``, ``masks [b,t,1,H,W]`` -> (propagated frames, updated masks), same shapes."""
         _check_flows("ProPainter image propagation", masked_frames, completed_flows, masked_frames.shape[1])
+        masks = masks.to(masked_frames.dtype)
         return propagate_image(masked_frames, completed_flows[0], completed_flows[1], masks, interpolation)
 
     def forward(self, masked_frames: torch.Tensor, completed_flows: Sequence[torch.Tensor], masks_in: torch.Tensor,
@@ -594,6 +600,8 @@ class InpaintGenerator(nn.Module):
                 f"{TRANSFORMER_DEPTH}"
             )
 
+        masks_in = masks_in.to(masked_frames.dtype)
+        masks_updated = masks_updated.to(masked_frames.dtype)
         enc_feat = self.encoder(torch.cat([
             masked_frames.reshape(b * t, 3, ori_h, ori_w),
             masks_in.reshape(b * t, 1, ori_h, ori_w),

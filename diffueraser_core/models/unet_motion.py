@@ -54,6 +54,15 @@ class _ResidualFeed:
         return hidden_states + residual.to(hidden_states.dtype)
 
 
+def match_text_batch(text: torch.Tensor, batch: int, stage: str) -> torch.Tensor:
+    """[1 or batch, L, D] -> [batch, L, D]: one prompt embedding may serve every clip / frame."""
+    if text.ndim != 3 or text.shape[0] not in (1, batch):
+        raise InputError(
+            f"{stage}: encoder_hidden_states must be [1 or {batch}, tokens, dim], got shape {tuple(text.shape)}"
+        )
+    return text.expand(batch, -1, -1) if text.shape[0] != batch else text
+
+
 class DiffuEraserUNet(UNetMotionModel):
     """``UNetMotionModel`` (same ``__init__``, config and state dict) with DiffuEraser's forward.
 
@@ -94,7 +103,7 @@ class DiffuEraserUNet(UNetMotionModel):
     ) -> torch.Tensor:
         """Predict noise for clips.
 
-        sample [B, C, F, h, w]; timestep: scalar or [B]; encoder_hidden_states [B, L, D] (one text per clip);
+        sample [B, C, F, h, w]; timestep: scalar or [B]; encoder_hidden_states [B or 1, L, D] (text per clip);
         residuals [B*F, C', h', w'] in (b f) order, in BrushNetModel's output order, or None.
         Returns [B, out_channels, F, h, w] in the weights' dtype (inputs are cast to it).
         """
@@ -102,11 +111,16 @@ class DiffuEraserUNet(UNetMotionModel):
             raise InputError(f"{STAGE}: sample must be [B, C, F, h, w], got shape {tuple(sample.shape)}")
         self._check_inputs(down_block_add_samples, mid_block_add_sample, up_block_add_samples)
         batch, channels, num_frames, height, width = sample.shape
+        if num_frames > self.config.motion_max_seq_length:
+            raise InputError(
+                f"{STAGE}: a clip of {num_frames} frames exceeds the motion modules' "
+                f"{self.config.motion_max_seq_length} positions; use shorter windows"
+            )
         dtype = self.conv_in.weight.dtype
 
         emb = self._time_embedding(timestep, batch, sample.device)
         emb = emb.repeat_interleave(num_frames, dim=0)
-        text = encoder_hidden_states.to(dtype).repeat_interleave(num_frames, dim=0)
+        text = match_text_batch(encoder_hidden_states, batch, STAGE).to(dtype).repeat_interleave(num_frames, dim=0)
 
         # Upsamplers must hit the skip sizes exactly when the latent is not a multiple of the total down factor.
         up_factor = 2 ** self.num_upsamplers

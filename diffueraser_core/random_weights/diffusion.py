@@ -48,7 +48,8 @@ def _randomise_(model: torch.nn.Module, seed: int, std: float, dtype: torch.dtyp
     for parameter in model.parameters():
         parameter.normal_(0.0, std, generator=generator)
     # Parameter by parameter, so the peak is one model plus one tensor; buffers (sinusoidal tables) follow.
-    model.to(dtype)
+    # nn.Module.to: ModelMixin.to would warn about from_pretrained's torch_dtype, irrelevant for random weights.
+    torch.nn.Module.to(model, dtype)
     return model.eval().requires_grad_(False)
 
 
