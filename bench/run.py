@@ -6,7 +6,7 @@
 
 Models are random weights in the official layouts (``make_models_folder``), cached under bench/.cache/. The clip
 is synthetic (a moving square over a texture). Stages are timed from the pipeline's own progress events (prior,
-encode, pre_inference, sampling, decode, blend); memory is CUDA max allocated / reserved per stage and for the
+encode, pre-inference, sampling, decode, blend); memory is CUDA max allocated / reserved per stage and for the
 run, and the process peak RSS. Output: JSON plus a table on stderr.
 """
 
@@ -158,7 +158,7 @@ def run_once(args) -> dict:
 
 
 def format_table(results: List[dict]) -> str:
-    stages = ["prior", "encode", "pre_inference", "sampling", "decode", "blend"]
+    stages = ["prior", "encode", "pre-inference", "sampling", "decode", "blend"]
     head = ["resolution", "frames", "device", "total s", "s/frame"] + [f"{s} s" for s in stages] + ["RSS GiB", "VRAM GiB"]
     rows = [head]
     for r in results:

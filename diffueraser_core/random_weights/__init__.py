@@ -9,6 +9,7 @@ from __future__ import annotations
 
 
 
+import inspect
 import os
 from typing import Dict
 
@@ -55,8 +56,9 @@ def make_models_folder(root: str, size: str = "tiny", seed: int = 0, dtype: torc
         from .lora import save_pcm_lora
 
         # Only the shapes of the target modules matter: build the UNet without allocating its weights.
+        init_keys = set(inspect.signature(DiffuEraserUNet.__init__).parameters)
         with torch.device("meta"):
-            unet = DiffuEraserUNet.from_config(unet_config)
+            unet = DiffuEraserUNet.from_config({k: v for k, v in unet_config.items() if k in init_keys})
         paths["pcm_lora"] = os.path.join(root, PCM_LORA_FILE)
         save_pcm_lora(paths["pcm_lora"], unet, seed=seed + 4)
     if propainter:
