@@ -123,11 +123,12 @@ def run_once(args) -> dict:
     out = remove_objects(
         frames, masks, propainter_nets=propainter, runtime=runtime, models=models, codec=codec,
         text_embeddings=text, sampler_settings=sampler, injection_settings=injection, prior_only=args.prior_only,
+        output=frames,  # as the CLI does: blend into the input buffer
     )
     if runtime.device.type == "cuda":
         torch.cuda.synchronize()
     total = time.perf_counter() - runtime.t0
-    assert out.shape == frames.shape, (out.shape, frames.shape)
+    assert out.shape == (args.frames, height, width, 3), out.shape
 
     result = {
         "machine": args.machine or f"{platform.node()} {platform.processor() or platform.machine()}",

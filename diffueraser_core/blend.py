@@ -22,7 +22,7 @@ The Gaussian kernel is OpenCV's for ``sigma = 0`` (``getGaussianKernel``: its fi
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -169,11 +169,14 @@ def blend_video(
     mask_dilation: int = DEFAULT_MASK_DILATION,
     feather: int = DEFAULT_FEATHER,
     chunk: int = FRAME_CHUNK,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Composite ``generated`` (uint8 ``[T,h,w,3]``, working size) over ``original`` (uint8 ``[T,H,W,3]``).
 
     ``masks`` are the raw (undilated) bool ``[T,H,W]`` masks at the original size; they are prepared like the
-    sampler prepares them at the generated size. Returns uint8 ``[T,H,W,3]``.
+    sampler prepares them at the generated size. Returns uint8 ``[T,H,W,3]``, written into ``out`` when given;
+    ``out`` may be ``original`` itself (each chunk is read before it is overwritten), which saves a full copy
+    of the video.
     """
     node = "DiffuEraser Blend"
     _check_inputs(original, generated, masks, node)
@@ -184,7 +187,10 @@ def blend_video(
         raise InputError(f"{node}: chunk must be >= 1, got {chunk}")
     work = tuple(generated.shape[1:3])
     size = tuple(original.shape[1:3])
-    out = torch.empty_like(original)
+    if out is None:
+        out = torch.empty_like(original)
+    elif out.shape != original.shape or out.dtype != original.dtype:
+        raise InputError(f"{node}: out must be uint8 {tuple(original.shape)}, got {out.dtype} {tuple(out.shape)}")
     for s in range(0, original.shape[0], chunk):
         prepared = prepare_blend_masks(masks[s : s + chunk], work, int(mask_dilation))
         alpha = blend_weights(prepared, feather)

@@ -225,6 +225,8 @@ def run(args, stream=None) -> None:
         propainter_settings=propainter,
         max_side=args.max_side,
         prior_only=args.prior_only,
+        # The input is not needed afterwards: blending into it keeps a single full-size copy of the video.
+        output=frames,
     )
     audio_from = args.video if getattr(video, "has_audio", False) else None
     write_video(args.output, out, video.fps, audio_from=audio_from)

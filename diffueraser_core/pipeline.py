@@ -262,15 +262,36 @@ def sample_video(
     return latents
 
 
-def decode_video(latents: torch.Tensor, codec, runtime=None) -> torch.Tensor:
-    """Raw latents -> uint8 frames at the working size, chunk by chunk."""
-    num, _, h, w = latents.shape
-    out = torch.empty((num, h * 8, w * 8, 3), dtype=torch.uint8)
+def decode_and_blend(
+    latents: torch.Tensor,
+    frames: torch.Tensor,
+    masks: torch.Tensor,
+    codec,
+    runtime,
+    mask_dilation: int = 8,
+    feather: int = DEFAULT_FEATHER,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Decode raw latents and composite them over the original frames chunk by chunk.
+
+    The generated video never exists whole: each decoded chunk is blended at once into ``out`` (which may be
+    ``frames`` itself), so the host holds the input, its latents and one chunk.
+    """
+    from .blend import blend_video
+
+    num = int(latents.shape[0])
+    if out is None:
+        out = torch.empty_like(frames)
     for start in range(0, num, FRAME_CHUNK):
         stop = min(start + FRAME_CHUNK, num)
-        out[start:stop] = codec.decode(latents[start:stop])
-        if runtime is not None:
-            runtime.progress("decode", stop, num)
+        generated = codec.decode(latents[start:stop])
+        runtime.progress("decode", stop, num)
+        blend_video(
+            frames[start:stop], generated, masks[start:stop], mask_dilation=mask_dilation, feather=feather,
+            out=out[start:stop],
+        )
+        runtime.progress("blend", stop, num)
+        runtime.check_interrupt()
     return out
 
 
@@ -302,13 +323,15 @@ def remove_objects(
     max_side: int = DEFAULT_MAX_SIDE,
     feather: int = DEFAULT_FEATHER,
     prior_only: bool = False,
+    output: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Whole DiffuEraser removal: uint8 ``[T,H,W,3]`` + bool masks (True = remove; one mask or one per frame) ->
     uint8 ``[T,H,W,3]`` with the input's frame count and size; pixels outside the blended mask are the input's.
 
     ``prior_only`` returns the ProPainter prior (composited inside its dilated mask) without diffusion.
+    ``output``: where to write the result (uint8 ``[T,H,W,3]``); it may be ``frames`` itself when the caller no
+    longer needs the input, so the run never holds a second full-size copy of the video.
     """
-    from .blend import blend_video
     from .prior_propainter import run_propainter_prior
     from .video import working_size
 
@@ -361,11 +384,11 @@ def remove_objects(
         conditioning=conditioning,
     )
     del start, conditioning
-    generated = decode_video(latents, codec, runtime)
+    out = decode_and_blend(
+        latents, frames, masks, codec, runtime, mask_dilation=sampler_settings.mask_dilation, feather=feather,
+        out=output,
+    )
     del latents
-    runtime.progress("blend", 0, 1)
-    out = blend_video(frames, generated, masks, mask_dilation=sampler_settings.mask_dilation, feather=feather)
-    runtime.progress("blend", 1, 1)
     if out.shape[0] != num:
         raise InputError(f"{NODE}: internal error, produced {out.shape[0]} frames for {num}")
     return out

@@ -109,3 +109,16 @@ def test_input_errors():
         blend_video(original, generated, masks[:, :32])
     with pytest.raises(InputError, match="mask dilation"):
         blend_video(original, generated, masks, mask_dilation=-1)
+
+
+def test_blend_video_into_the_original_buffer_equals_a_separate_output():
+    # The CLI blends into its input buffer to avoid a second full-size copy of the video.
+    g = torch.Generator().manual_seed(7)
+    original = torch.randint(0, 256, (5, 40, 48, 3), dtype=torch.uint8, generator=g)
+    generated = torch.randint(0, 256, (5, 32, 40, 3), dtype=torch.uint8, generator=g)
+    masks = torch.zeros(5, 40, 48, dtype=torch.bool)
+    masks[:, 10:20, 12:30] = True
+    expected = blend_video(original, generated, masks, mask_dilation=2, feather=5, chunk=2)
+    buffer = original.clone()
+    result = blend_video(buffer, generated, masks, mask_dilation=2, feather=5, chunk=2, out=buffer)
+    assert result.data_ptr() == buffer.data_ptr() and torch.equal(result, expected)
