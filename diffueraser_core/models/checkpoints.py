@@ -659,3 +659,36 @@ def load_unet_main(path: str, dtype: Optional[torch.dtype] = None):
 def load_brushnet(path: str, dtype: Optional[torch.dtype] = None):
     """BrushNetModel from a diffusers folder or a single file, on the CPU in eval mode."""
     return _load_network(path, BRUSHNET_SPEC, dtype)
+
+
+# ------------------------------------------------------------------------------------- strict loading helpers
+def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str = "module.") -> Dict[str, torch.Tensor]:
+    """Remove ``prefix`` from every key when all keys carry it (DataParallel checkpoints)."""
+    if state_dict and all(key.startswith(prefix) for key in state_dict):
+        return {key[len(prefix):]: value for key, value in state_dict.items()}
+    return dict(state_dict)
+
+
+def load_state_dict_checked(
+    model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path: str, what: str, assign: bool = False
+) -> None:
+    """Strict load with a ModelFileError naming the file and the first differing keys or shapes.
+
+    ``assign=True`` for models built on the meta device: the file's tensors become the parameters (no copy).
+    """
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    if missing or unexpected:
+        raise ModelFileError(
+            f"{what}: {path!r} does not have the expected layout: {len(missing)} missing keys "
+            f"(first: {missing[:5]}), {len(unexpected)} unexpected keys (first: {unexpected[:5]})"
+        )
+    wrong = [
+        f"{key}: {tuple(state_dict[key].shape)} != {tuple(value.shape)}"
+        for key, value in expected.items()
+        if tuple(state_dict[key].shape) != tuple(value.shape)
+    ]
+    if wrong:
+        raise ModelFileError(f"{what}: {path!r} has {len(wrong)} tensors of the wrong shape (first: {wrong[:5]})")
+    model.load_state_dict(state_dict, strict=True, assign=assign)

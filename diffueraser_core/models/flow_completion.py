@@ -15,9 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import InputError
-from .checkpoints import read_state_dict
+from .checkpoints import load_state_dict_checked, read_state_dict, strip_prefix
 from .deform_conv import ModulatedDeformConv2d
-from .raft import load_state_dict_checked, strip_prefix
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import InputError, ModelFileError
-from .checkpoints import read_state_dict
+from ..errors import InputError
+from .checkpoints import load_state_dict_checked, read_state_dict, strip_prefix
 from .deform_conv import ModulatedDeformConv2d
 from .warping import fb_consistency_check, flow_warp
 
@@ -654,34 +654,12 @@ def _check_flows(stage: str, frames: torch.Tensor, flows: Sequence[torch.Tensor]
 # ---------------------------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------------------------
-_FIRST_KEYS_SHOWN = 5
-
-
 def load_propainter(path) -> InpaintGenerator:
     """Build an InpaintGenerator from ``ProPainter.pth`` (plain state dict, strict keys incl. the int64
     ``valid_ind_rolled`` buffers); returns it in eval mode on the CPU."""
     what = "ProPainter generator"
-    state = read_state_dict(path, what=what)
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+    state = strip_prefix(read_state_dict(path, what=what))
     model = InpaintGenerator(init_weights=False)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        raise ModelFileError(
-            f"{what}: {str(path)!r} is not a ProPainter InpaintGenerator checkpoint: "
-            f"{len(missing)} missing keys (first: {missing[:_FIRST_KEYS_SHOWN]}), "
-            f"{len(unexpected)} unexpected keys (first: {unexpected[:_FIRST_KEYS_SHOWN]})"
-        )
-    wrong_shapes = [
-        f"{k}: {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape
-    ]
-    if wrong_shapes:
-        raise ModelFileError(
-            f"{what}: {str(path)!r} has {len(wrong_shapes)} tensors of the wrong shape "
-            f"(first: {wrong_shapes[:_FIRST_KEYS_SHOWN]})"
-        )
-    model.load_state_dict(state, strict=True)
+    load_state_dict_checked(model, state, str(path), what)
     logger.debug("loaded ProPainter generator from %s", path)
     return model.eval()

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import InputError, ModelFileError
-from .checkpoints import read_state_dict
+from .checkpoints import load_state_dict_checked, read_state_dict, strip_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -342,40 +342,13 @@ def compute_bidirectional_flow(
 # Loading
 
 
-def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str = DATAPARALLEL_PREFIX) -> Dict[str, torch.Tensor]:
-    """Remove ``prefix`` from every key when all keys carry it (DataParallel checkpoints)."""
-    if state_dict and all(key.startswith(prefix) for key in state_dict):
-        return {key[len(prefix):]: value for key, value in state_dict.items()}
-    return dict(state_dict)
-
-
-def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor], path: str, what: str) -> None:
-    """Strict load with a ModelFileError naming the file and the first differing keys or shapes."""
-    expected = model.state_dict()
-    missing = [key for key in expected if key not in state_dict]
-    unexpected = [key for key in state_dict if key not in expected]
-    if missing or unexpected:
-        raise ModelFileError(
-            f"{what}: {path!r} does not have the expected layout: {len(missing)} missing keys "
-            f"(first: {missing[:5]}), {len(unexpected)} unexpected keys (first: {unexpected[:5]})"
-        )
-    wrong = [
-        f"{key}: {tuple(state_dict[key].shape)} != {tuple(value.shape)}"
-        for key, value in expected.items()
-        if tuple(state_dict[key].shape) != tuple(value.shape)
-    ]
-    if wrong:
-        raise ModelFileError(f"{what}: {path!r} has {len(wrong)} tensors of the wrong shape (first: {wrong[:5]})")
-    model.load_state_dict(state_dict, strict=True)
-
-
 def load_raft(path: str) -> RAFT:
     """Load ``raft-things.pth`` (official DataParallel file unchanged, or without the ``module.`` prefix).
 
     Returns the model in eval mode (BatchNorm uses the stored running statistics) on the CPU, fp32.
     """
     what = "ProPainter RAFT (raft-things)"
-    state_dict = strip_prefix(read_state_dict(path, what=what))
+    state_dict = strip_prefix(read_state_dict(path, what=what), DATAPARALLEL_PREFIX)
     model = RAFT()
     load_state_dict_checked(model, state_dict, path, what)
     logger.debug("loaded %s from %s", what, path)

@@ -20,7 +20,7 @@ from typing import Dict, Optional
 import torch
 
 from ..errors import InputError, ModelFileError
-from .checkpoints import read_state_dict
+from .checkpoints import load_state_dict_checked, read_state_dict
 
 VAE_SCALING_FACTOR = 0.18215
 CLIP_MAX_TOKENS = 77
@@ -185,23 +185,9 @@ def load_vae(path: str, dtype: Optional[torch.dtype] = None):
 
 
 def _load_strict(module, state_dict, what, path):
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    if missing or unexpected:
-        raise ModelFileError(
-            f"{what}: {path!r} does not match: {len(missing)} missing keys (first: {missing[:3]}), "
-            f"{len(unexpected)} unexpected keys (first: {unexpected[:3]})"
-        )
-    wrong = [k for k, v in expected.items() if tuple(v.shape) != tuple(state_dict[k].shape)]
-    if wrong:
-        k = wrong[0]
-        raise ModelFileError(
-            f"{what}: {path!r} has {len(wrong)} tensors of the wrong shape, e.g. {k}: "
-            f"{tuple(state_dict[k].shape)} (expected {tuple(expected[k].shape)})"
-        )
+    # One dtype for the whole model (a file may mix fp16 weights with fp32 extras).
     dtype = next(iter(state_dict.values())).dtype
-    module.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, strict=True, assign=True)
+    load_state_dict_checked(module, {k: v.to(dtype) for k, v in state_dict.items()}, path, what, assign=True)
 
 
 # ------------------------------------------------------------------------------------------------ text encoder
