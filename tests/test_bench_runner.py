@@ -1,0 +1,56 @@
+"""The benchmark runner's own logic (stage timing, regression check, table); the benchmarks themselves run in bench/."""
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+RUNNER = pathlib.Path(__file__).resolve().parents[1] / "bench" / "run.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_run", RUNNER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _result(**overrides):
+    result = {"resolution": "64x64", "frames": 50, "size": "tiny", "device": "cpu", "total_seconds": 10.0,
+              "seconds_per_frame": 0.2, "stage_seconds": {"prior": 8.0, "sampling": 2.0}, "peak_rss_gib": 1.0}
+    result.update(overrides)
+    return result
+
+
+def test_stage_seconds_attribute_each_interval_to_the_stage_that_reports_it(bench):
+    runtime = bench.TimingRuntime(device="cpu")
+    runtime.t0 = 0.0
+    runtime.events = [("prior", 1, 2, 1.0), ("prior", 2, 2, 3.0), ("decode", 1, 1, 3.5), ("blend", 1, 1, 3.75),
+                      ("decode", 2, 2, 4.25), ("blend", 2, 2, 4.5)]
+    assert runtime.stage_seconds() == {"prior": 3.0, "decode": 1.0, "blend": 0.5}
+
+
+def test_check_flags_only_regressions_beyond_the_tolerance(bench, tmp_path):
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(json.dumps([_result(), _result(frames=500, seconds_per_frame=0.3)]))
+    assert bench.check_against(_result(seconds_per_frame=0.24), str(baseline), 0.25) == []
+    problems = bench.check_against(_result(seconds_per_frame=0.26, peak_rss_gib=1.3), str(baseline), 0.25)
+    assert len(problems) == 2 and problems[0].startswith("seconds_per_frame: 0.26 > baseline 0.2")
+    assert bench.check_against(_result(frames=77), str(baseline), 0.25) == [
+        "no baseline entry for 64x64 x 77 (tiny)"]
+
+
+def test_table_lists_every_stage_and_the_resolution(bench):
+    table = bench.format_table([_result()])
+    header, rule, row = table.splitlines()
+    for name in ("prior s", "encode s", "pre-inference s", "sampling s", "decode s", "blend s", "RSS GiB"):
+        assert name in header
+    assert row.startswith("| 64x64") and set(rule) <= {"|", "-"}
+
+
+def test_resolution_parsing(bench):
+    assert bench.parse_resolution("1280x720") == (1280, 720)
+    with pytest.raises(SystemExit, match="1280x720"):
+        bench.parse_resolution("720p")
