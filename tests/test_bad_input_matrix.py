@@ -26,6 +26,7 @@ from diffueraser_core.masks import LUMA_WEIGHTS
 from diffueraser_core.pipeline import DiffuEraserModels, remove_objects
 from diffueraser_core.prior_propainter import ProPainterNets
 from nodes import folders, nodes_loaders
+from test_nodes import ComfyLikeVae  # noqa: E402  (ComfyUI VAE call shape around the tiny VAE)
 from test_faults import TrackingRuntime, build_tiny_nets, make_clip, run_pipeline, text_embedding
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -48,21 +49,6 @@ class ForbiddenHandle:
 
 FORBIDDEN_PRIOR = ProPainterNets(ForbiddenHandle(), ForbiddenHandle(), ForbiddenHandle())
 FORBIDDEN_MODELS = DiffuEraserModels(unet=ForbiddenHandle(), brushnet=ForbiddenHandle())
-
-
-class ComfyLikeVae:
-    """ComfyUI's VAE call shape (IMAGE 0..1 in, raw latent out) around a tiny diffusers AutoencoderKL."""
-
-    def __init__(self, vae):
-        self.vae = vae
-
-    def encode(self, pixels):
-        with torch.no_grad():
-            return self.vae.encode(pixels.movedim(-1, 1) * 2 - 1).latent_dist.mean.float()
-
-    def decode(self, latent):
-        with torch.no_grad():
-            return ((self.vae.decode(latent).sample + 1) / 2).clamp(0, 1).movedim(1, -1).float()
 
 
 @pytest.fixture(scope="module")
