@@ -34,20 +34,18 @@ from .temporal_sampling import (
     denoise_windows,
     pairs_down,
 )
-from .windows import DEFAULT_WINDOW_LENGTH
+from .blend import DEFAULT_FEATHER
+from .video import DEFAULT_MAX_SIDE, FRAME_CHUNK
+from .windows import DEFAULT_WINDOW_LENGTH, MAX_WINDOW_LENGTH
 
 log = logging.getLogger(__name__)
 
 #: frames per VAE call (reference: encode in chunks of 4)
 VAE_CHUNK = 4
-#: frames per chunk for resizing / decoding whole videos
-FRAME_CHUNK = 16
 #: VAE activation bytes per image pixel per byte of dtype, for memory_required hints (the estimates ComfyUI uses
 #: for the SD1.5 VAE: the decoder at full resolution dominates)
 VAE_ENCODE_BYTES_PER_PIXEL = 1767
 VAE_DECODE_BYTES_PER_PIXEL = 2178
-DEFAULT_MAX_SIDE = 960
-DEFAULT_FEATHER = 21
 NODE = "DiffuEraser"
 
 
@@ -121,10 +119,6 @@ class DiffusersVaeCodec:
 
         per_frame = VAE_DECODE_BYTES_PER_PIXEL * h * w * 64 * self._itemsize()
         return self._run(latents, fn, (h * 8, w * 8, 3), torch.uint8, per_frame)
-
-
-# motion_max_seq_length of the official unet_main: the temporal attention's positional table has 32 entries.
-MAX_WINDOW_LENGTH = 32
 
 
 @dataclass
@@ -343,7 +337,7 @@ def remove_objects(
     num, height, width = int(frames.shape[0]), int(frames.shape[1]), int(frames.shape[2])
     if not bool(masks.any()):
         log.info("%s: the mask is empty; returning the input unchanged", NODE)
-        return frames.clone()
+        return frames if output is None else output.copy_(frames)
     if not prior_only and (models is None or codec is None or text_embeddings is None):
         raise InputError(f"{NODE}: the diffusion stage needs models, a VAE codec and text embeddings")
     # validate the working size before the (long) prior stage

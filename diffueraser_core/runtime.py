@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import torch
 
@@ -38,6 +38,7 @@ class ModelHandle:
 
     def acquire(self, memory_required: int = 0) -> torch.nn.Module:
         rt = self.runtime
+        rt.offload_released(keep=self)
         device, dtype = rt.device, rt.dtype_for(self.module)
         first = next(self.module.parameters(), None)
         # Stages acquire once per window; only move when something changed (a no-op .to() is not free).
@@ -46,8 +47,10 @@ class ModelHandle:
         return self.module
 
     def release(self) -> None:
+        # Offloaded lazily, when another network is acquired (as ComfyUI evicts on demand): a stage that calls the
+        # VAE chunk by chunk then keeps it on the device instead of moving it out and back for every chunk.
         if self.runtime.offload_after_use and self.runtime.device.type != "cpu":
-            self.module.to(self.runtime.offload_device)
+            self.runtime.released.append(self)
 
 
 def default_device() -> torch.device:
@@ -78,9 +81,17 @@ class StandaloneRuntime:
     interrupt_flag: Optional[Callable[[], bool]] = None
 
     def __post_init__(self):
+        self.released: List[ModelHandle] = []
         self.device = torch.device(self.device)
         if self.dtype is None:
             self.dtype = default_dtype(self.device)
+
+    def offload_released(self, keep: Optional[ModelHandle] = None) -> None:
+        """Move every released network except ``keep`` to the offload device."""
+        for handle in self.released:
+            if handle is not keep:
+                handle.module.to(self.offload_device)
+        self.released = []  # ``keep`` is being acquired again: held, not released
 
     def dtype_for(self, module: torch.nn.Module) -> torch.dtype:
         # Networks that are numerically fragile in half precision may pin their own dtype.

@@ -38,6 +38,9 @@ from .errors import InputError
 
 #: frames per window: DiffuEraser's training clip length (``nframes``)
 DEFAULT_WINDOW_LENGTH = 22
+# motion_max_seq_length of the official unet_main: the temporal attention's positional table has 32 entries,
+# so no window can be longer.
+MAX_WINDOW_LENGTH = 32
 #: default overlap = length // OVERLAP_DIVISOR (22 // 4 = 5 in the reference)
 OVERLAP_DIVISOR = 4
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from diffueraser_core.errors import InputError
+from diffueraser_core.video import DEFAULT_MAX_SIDE, MAX_SIDE_RANGE
 
 from .bridge import ComfyVaeCodec, conditioning_to_embeddings, get_runtime
 from .common import (
@@ -31,7 +32,6 @@ PROPAINTER_DEFAULTS = {
     "raft_iter": 20,
 }
 INJECTION_MODES = ["forward_noise", "ddim_inversion"]
-DEFAULT_MAX_SIDE = 960
 DEFAULT_INVERSION_STEPS = 2
 
 
@@ -137,7 +137,7 @@ class DiffuEraserPriorInjection:
                                "more of the prior.",
                 }),
                 "max_side": ("INT", {
-                    "default": DEFAULT_MAX_SIDE, "min": 256, "max": 1920, "step": 8,
+                    "default": DEFAULT_MAX_SIDE, "min": MAX_SIDE_RANGE[0], "max": MAX_SIDE_RANGE[1], "step": 8,
                     "tooltip": "Working size: the longer side is scaled down to at most this, both sides rounded "
                                "down to multiples of 8 (reference 960).",
                 }),

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 
+from diffueraser_core.blend import DEFAULT_FEATHER
 from diffueraser_core.errors import InputError
+from diffueraser_core.masks import DEFAULT_MASK_DILATION
+from diffueraser_core.windows import DEFAULT_WINDOW_LENGTH, MAX_WINDOW_LENGTH, OVERLAP_DIVISOR
 
 from .bridge import ComfyVaeCodec, conditioning_to_embeddings, get_runtime
 from .common import CATEGORY_ROOT, DIFFUERASER_MODEL, frames_from_image, image_from_frames, masks_for_video
@@ -12,14 +15,9 @@ from .nodes_prior import _cross_attention_dim
 
 log = logging.getLogger(__name__)
 
-# Reference defaults (reference-spec sections 3, 5, 7, 8).
+# Reference defaults (reference-spec sections 3, 5, 7, 8), from the core modules that use them.
 DEFAULT_STEPS = 2
-DEFAULT_WINDOW_LENGTH = 22
-DEFAULT_WINDOW_OVERLAP = 5  # 22 // 4
-DEFAULT_MASK_DILATION = 8
-DEFAULT_FEATHER = 21
-# The motion modules' positional table has 32 rows: longer windows cannot be evaluated.
-MAX_WINDOW_LENGTH = 32
+DEFAULT_WINDOW_OVERLAP = DEFAULT_WINDOW_LENGTH // OVERLAP_DIVISOR
 
 
 class DiffuEraserSampler:
@@ -157,5 +155,6 @@ class DiffuEraserBlend:
                 f"{self.NODE}: generated has {gen.shape[0]} frames but images has {original.shape[0]}"
             )
         holes = masks_for_video(mask, original.shape[0], tuple(original.shape[1:3]), self.NODE)
-        out = blend_video(original, gen, holes, mask_dilation=int(mask_dilation), feather=int(feather))
+        # original is this node's own uint8 conversion: blend into it instead of a second full-size buffer
+        out = blend_video(original, gen, holes, mask_dilation=int(mask_dilation), feather=int(feather), out=original)
         return (image_from_frames(out),)

@@ -504,3 +504,35 @@ def test_cli_cancel_exits_130_and_writes_nothing(monkeypatch, cli_inputs, tmp_pa
 def test_errors_are_value_errors_for_hosts():
     # ComfyUI shows ValueError messages as they are; the pack's errors must stay ValueErrors.
     assert issubclass(DiffuEraserError, ValueError)
+
+
+class _FakeDeviceRuntime(StandaloneRuntime):
+    """Standalone runtime that records module moves instead of using a GPU (none on CI)."""
+
+    def __init__(self):
+        super().__init__(device=torch.device("cpu"))
+        self.device = torch.device("meta")  # not "cpu": release() must consider offloading
+        self.moves = []
+
+    def wrap(self, module, name):
+        handle = super().wrap(module, name)
+        runtime = self
+
+        class Recorder(torch.nn.Module):
+            def to(self, *args, **kwargs):
+                runtime.moves.append((name, str(kwargs.get("device", args[0] if args else None))))
+                return self
+
+        handle.module = Recorder()
+        return handle
+
+
+def test_a_released_network_is_offloaded_only_when_another_is_acquired():
+    runtime = _FakeDeviceRuntime()
+    vae, unet = runtime.wrap(torch.nn.Identity(), "vae"), runtime.wrap(torch.nn.Identity(), "unet")
+    for _ in range(3):  # a stage calling the VAE chunk by chunk: acquire, release, acquire, ...
+        vae.acquire()
+        vae.release()
+    assert ("vae", "cpu") not in runtime.moves, "the VAE went back to the CPU between chunks"
+    unet.acquire()
+    assert ("vae", "cpu") in runtime.moves and runtime.released == []
