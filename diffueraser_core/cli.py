@@ -137,7 +137,6 @@ def _load_diffusion(found: dict, models_dir: str, args, runtime):
     text = encode_prompt(text_encoder, "", runtime.device)
     del text_encoder
     vae = load_vae(found["vae"])
-    # the SD1.5 VAE overflows in fp16 on some inputs; keep it in float32 unless the runtime says otherwise
     models = DiffuEraserModels(unet=runtime.wrap(unet, "diffueraser_unet_main"),
                                brushnet=runtime.wrap(brushnet, "diffueraser_brushnet"))
     codec = DiffusersVaeCodec(runtime.wrap(vae, "sd15_vae"), runtime)
@@ -145,16 +144,9 @@ def _load_diffusion(found: dict, models_dir: str, args, runtime):
 
 
 def _load_propainter(found: dict, runtime):
-    from .models.flow_completion import load_flow_completion
-    from .models.propainter import load_propainter
-    from .models.raft import load_raft
-    from .prior_propainter import ProPainterNets
+    from .prior_propainter import load_propainter_nets
 
-    return ProPainterNets(
-        raft=runtime.wrap(load_raft(found["raft"]), "propainter_raft"),
-        flow_completion=runtime.wrap(load_flow_completion(found["flow_completion"]), "propainter_flow_completion"),
-        generator=runtime.wrap(load_propainter(found["propainter"]), "propainter_generator"),
-    )
+    return load_propainter_nets(None, runtime, found["raft"], found["flow_completion"], found["propainter"])
 
 
 def run(args, stream=None) -> None:

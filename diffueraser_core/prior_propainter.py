@@ -165,22 +165,26 @@ class PriorResult:
     masks: torch.Tensor
 
 
-def load_propainter_nets(folder, runtime) -> ProPainterNets:
-    """Load raft-things.pth, recurrent_flow_completion.pth and ProPainter.pth from ``folder`` and wrap them."""
+def load_propainter_nets(folder, runtime, raft_path=None, flow_completion_path=None, generator_path=None
+                         ) -> ProPainterNets:
+    """Load raft-things.pth, recurrent_flow_completion.pth and ProPainter.pth and wrap them in ``runtime``.
+
+    Files are looked up in ``folder`` under their official names unless a path is given for them.
+    """
     from .models.flow_completion import load_flow_completion
     from .models.propainter import load_propainter
     from .models.raft import load_raft
 
-    folder = os.fspath(folder)
-    raft = load_raft(os.path.join(folder, RAFT_FILE))
-    # The reference runs RAFT in fp32 even in its fp16 mode; the runtime honours this pin (runtime.dtype_for).
-    raft.preferred_dtype = torch.float32
+    folder = os.fspath(folder) if folder is not None else ""
     return ProPainterNets(
-        raft=runtime.wrap(raft, "propainter_raft"),
+        raft=runtime.wrap(load_raft(raft_path or os.path.join(folder, RAFT_FILE)), "propainter_raft"),
         flow_completion=runtime.wrap(
-            load_flow_completion(os.path.join(folder, FLOW_COMPLETION_FILE)), "propainter_flow_completion"
+            load_flow_completion(flow_completion_path or os.path.join(folder, FLOW_COMPLETION_FILE)),
+            "propainter_flow_completion",
         ),
-        generator=runtime.wrap(load_propainter(os.path.join(folder, GENERATOR_FILE)), "propainter_generator"),
+        generator=runtime.wrap(
+            load_propainter(generator_path or os.path.join(folder, GENERATOR_FILE)), "propainter_generator"
+        ),
     )
 
 

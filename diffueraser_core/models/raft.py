@@ -237,6 +237,10 @@ def _coords_grid(batch: int, height: int, width: int, device) -> torch.Tensor:
 class RAFT(nn.Module):
     """RAFT (small=False). Images [N,3,H,W] in [-1,1] with H, W multiples of 8."""
 
+    # The reference runs RAFT in fp32 even in its fp16 mode; runtimes honour this (runtime.dtype_for), so every
+    # loading path (CLI, nodes, tests) gets it.
+    preferred_dtype = torch.float32
+
     def __init__(self, hidden_dim: int = HIDDEN_DIM, context_dim: int = CONTEXT_DIM,
                  corr_levels: int = CORR_LEVELS, corr_radius: int = CORR_RADIUS):
         super().__init__()
