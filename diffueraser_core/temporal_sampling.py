@@ -73,6 +73,12 @@ class Conditioning:
     def select(self, indices: torch.Tensor) -> "Conditioning":
         return Conditioning(self.masked_latents[indices], self.known[indices])
 
+    @classmethod
+    def all_known(cls, raw_latents: torch.Tensor) -> "Conditioning":
+        """Conditioning on already encoded frames with every pixel known (e.g. the prior itself): no VAE pass."""
+        num, _, h, w = raw_latents.shape
+        return cls(raw_latents.to(torch.float32) * VAE_SCALING, torch.ones((num, h, w), dtype=torch.bool))
+
 
 def known_at_latent_size(hole_masks: torch.Tensor, latent_hw: Tuple[int, int]) -> torch.Tensor:
     """bool holes ``[n,H,W]`` at the working size -> bool known ``[n,h,w]`` (nearest, as the reference)."""

@@ -187,9 +187,9 @@ class DiffuEraserPriorInjection:
             from diffueraser_core import temporal_sampling
 
             text = conditioning_to_embeddings(positive, self.NODE, _cross_attention_dim(diffueraser_model))
-            hw = (int(prior_latent.shape[2]), int(prior_latent.shape[3]))
-            # No masks here: the inversion is conditioned on the prior itself, every pixel known.
-            conditioning = temporal_sampling.build_conditioning(frames, None, hw, codec)
+            # The inversion is conditioned on the prior itself, every pixel known: its latents are the ones just
+            # encoded, so no second VAE pass.
+            conditioning = temporal_sampling.Conditioning.all_known(prior_latent)
             start = prior_injection.invert_prior(prior_latent, conditioning, text, diffueraser_model, settings,
                                                  runtime)
         return (start.to_latent_dict(),)

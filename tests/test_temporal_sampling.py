@@ -95,6 +95,10 @@ def test_build_conditioning_blacks_holes_and_marks_known(nets):
     plain = build_conditioning(frames, None, (8, 8), codec)
     assert bool(plain.known.all())
     torch.testing.assert_close(plain.masked_latents, codec.encode(frames) * VAE_SCALING)
+    # the same conditioning from latents already encoded (the inversion node reuses the prior's encode)
+    reused = Conditioning.all_known(codec.encode(frames))
+    torch.testing.assert_close(reused.masked_latents, plain.masked_latents)
+    assert torch.equal(reused.known, plain.known)
 
 
 def test_one_window_equals_the_explicit_tcd_chain(nets):
