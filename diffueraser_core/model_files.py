@@ -35,7 +35,14 @@ class ModelFile:
     required: bool = True
     # Another registry key whose file can stand in for this one (an SD1.5 checkpoint holds the VAE and text encoder).
     fallback: Optional[str] = None
+    # How to fetch the official file(s) when the user allows downloads: {"hf_repo", "hf_files", "hf_prefix"} for
+    # Hugging Face, {"http"} for a plain HTTPS asset. None: not downloaded by the pack (ComfyUI loads it).
+    download: Optional[dict] = None
 
+
+HF_DIFFUERASER_REPO = "lixiaowen/diffuEraser"
+HF_PCM_REPO = "wangfuyun/PCM_Weights"
+PROPAINTER_RELEASE = "https://github.com/sczhou/ProPainter/releases/download/v0.1.0/"
 
 # The reference pipeline runs the 2-step PCM LoRA (run_diffueraser ckpt="2-Step"); preferred among several.
 DEFAULT_PCM_LORA = "pcm_sd15_smallcfg_2step_converted.safetensors"
@@ -52,6 +59,8 @@ MODEL_FILES: Tuple[ModelFile, ...] = (
         kind="file_or_folder",
         published="https://huggingface.co/lixiaowen/diffuEraser (folder unet_main/: config.json + "
                   "diffusion_pytorch_model.safetensors) -> models/diffueraser/diffuEraser/unet_main/",
+        download={"hf_repo": HF_DIFFUERASER_REPO, "hf_prefix": "unet_main",
+                  "hf_files": ("unet_main/config.json", "unet_main/diffusion_pytorch_model.safetensors")},
     ),
     ModelFile(
         key="brushnet",
@@ -63,6 +72,8 @@ MODEL_FILES: Tuple[ModelFile, ...] = (
         kind="file_or_folder",
         published="https://huggingface.co/lixiaowen/diffuEraser (folder brushnet/: config.json + "
                   "diffusion_pytorch_model.safetensors) -> models/diffueraser/diffuEraser/brushnet/",
+        download={"hf_repo": HF_DIFFUERASER_REPO, "hf_prefix": "brushnet",
+                  "hf_files": ("brushnet/config.json", "brushnet/diffusion_pytorch_model.safetensors")},
     ),
     ModelFile(
         key="pcm_lora",
@@ -74,6 +85,7 @@ MODEL_FILES: Tuple[ModelFile, ...] = (
         kind="file",
         published=f"https://huggingface.co/wangfuyun/PCM_Weights (sd15/{DEFAULT_PCM_LORA}, or another "
                   f"{PCM_LORA_PATTERN}) -> models/diffueraser/",
+        download={"hf_repo": HF_PCM_REPO, "hf_prefix": "sd15", "hf_files": (f"sd15/{DEFAULT_PCM_LORA}",)},
     ),
     ModelFile(
         key="raft",
@@ -83,6 +95,7 @@ MODEL_FILES: Tuple[ModelFile, ...] = (
         candidates=("propainter/raft-things.pth", "propainter/raft-things.safetensors"),
         kind="file",
         published="https://github.com/sczhou/ProPainter/releases/tag/v0.1.0 (raft-things.pth) -> models/propainter/",
+        download={"http": PROPAINTER_RELEASE + "raft-things.pth"},
     ),
     ModelFile(
         key="flow_completion",
@@ -93,6 +106,7 @@ MODEL_FILES: Tuple[ModelFile, ...] = (
         kind="file",
         published="https://github.com/sczhou/ProPainter/releases/tag/v0.1.0 (recurrent_flow_completion.pth) "
                   "-> models/propainter/",
+        download={"http": PROPAINTER_RELEASE + "recurrent_flow_completion.pth"},
     ),
     ModelFile(
         key="propainter",
@@ -102,6 +116,7 @@ MODEL_FILES: Tuple[ModelFile, ...] = (
         candidates=("propainter/ProPainter.pth", "propainter/ProPainter.safetensors"),
         kind="file",
         published="https://github.com/sczhou/ProPainter/releases/tag/v0.1.0 (ProPainter.pth) -> models/propainter/",
+        download={"http": PROPAINTER_RELEASE + "ProPainter.pth"},
     ),
     ModelFile(
         key="vae",

@@ -24,6 +24,7 @@ import urllib.request
 from typing import Dict, List, Optional
 
 from diffueraser_core.errors import ModelFileError
+from diffueraser_core.model_files import MODEL_FILES
 
 log = logging.getLogger(__name__)
 
@@ -43,37 +44,19 @@ DIFFUSERS_WEIGHT_NAMES = (
 # How deep below a registered folder diffusers folders and files are looked for (diffuEraser/unet_main = 2).
 MAX_SEARCH_DEPTH = 3
 
-HF_DIFFUERASER_REPO = "lixiaowen/diffuEraser"
-HF_PCM_REPO = "wangfuyun/PCM_Weights"
-PROPAINTER_RELEASE = "https://github.com/sczhou/ProPainter/releases/download/v0.1.0/"
 
-# Official entry names (relative to their folder) -> where they are published / how to fetch them.
-OFFICIAL_ENTRIES: Dict[str, Dict[str, dict]] = {
-    DIFFUERASER_FOLDER: {
-        "diffuEraser/unet_main": {
-            "hf_repo": HF_DIFFUERASER_REPO,
-            "hf_files": ["unet_main/config.json", "unet_main/diffusion_pytorch_model.safetensors"],
-            "hf_prefix": "unet_main",
-            "url": "https://huggingface.co/lixiaowen/diffuEraser/tree/main/unet_main",
-        },
-        "diffuEraser/brushnet": {
-            "hf_repo": HF_DIFFUERASER_REPO,
-            "hf_files": ["brushnet/config.json", "brushnet/diffusion_pytorch_model.safetensors"],
-            "hf_prefix": "brushnet",
-            "url": "https://huggingface.co/lixiaowen/diffuEraser/tree/main/brushnet",
-        },
-        "pcm_sd15_smallcfg_2step_converted.safetensors": {
-            "hf_repo": HF_PCM_REPO,
-            "hf_files": ["sd15/pcm_sd15_smallcfg_2step_converted.safetensors"],
-            "hf_prefix": "sd15",
-            "url": "https://huggingface.co/wangfuyun/PCM_Weights/tree/main/sd15",
-        },
-    },
-    PROPAINTER_FOLDER: {
-        name: {"http": PROPAINTER_RELEASE + name, "url": PROPAINTER_RELEASE + name}
-        for name in ("raft-things.pth", "recurrent_flow_completion.pth", "ProPainter.pth")
-    },
-}
+
+def _official_entries() -> Dict[str, Dict[str, dict]]:
+    """Official entry names (relative to their folder) -> download spec + page, from the core's registry."""
+    entries: Dict[str, Dict[str, dict]] = {name: {} for name in FOLDER_NAMES}
+    for model_file in MODEL_FILES:
+        if model_file.subfolder in entries and model_file.download is not None:
+            name = model_file.candidates[0].split("/", 1)[1]  # the preferred place, relative to the folder
+            entries[model_file.subfolder][name] = dict(model_file.download, url=model_file.published.split(" ")[0])
+    return entries
+
+
+OFFICIAL_ENTRIES = _official_entries()
 
 
 def _folder_paths():

@@ -122,3 +122,10 @@ def test_blend_video_into_the_original_buffer_equals_a_separate_output():
     buffer = original.clone()
     result = blend_video(buffer, generated, masks, mask_dilation=2, feather=5, chunk=2, out=buffer)
     assert result.data_ptr() == buffer.data_ptr() and torch.equal(result, expected)
+
+
+def test_blend_video_out_of_another_shape_is_a_clear_error():
+    original = torch.zeros(2, 16, 16, 3, dtype=torch.uint8)
+    masks = torch.zeros(2, 16, 16, dtype=torch.bool)
+    with pytest.raises(InputError, match=r"DiffuEraser Blend: out must be uint8 \(2, 16, 16, 3\)"):
+        blend_video(original, original, masks, out=torch.zeros(2, 16, 16, 3))
