@@ -38,6 +38,19 @@ def peak_rss_bytes() -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
+def anon_rss_bytes() -> Optional[int]:
+    """Private (anonymous) resident memory now, Linux only. Unlike the peak RSS it leaves out file pages mapped
+    while reading weights (reclaimable page cache), so it is what the host-RAM target is about."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 class TimingRuntime(StandaloneRuntime):
     """Records when each stage reports progress; a stage lasts from the previous stage's last event to its own."""
 
@@ -47,9 +60,12 @@ class TimingRuntime(StandaloneRuntime):
         self.stage_peaks: Dict[str, Dict[str, int]] = {}
         self.t0 = time.perf_counter()
         self._current: Optional[str] = None
+        self.work_stage: Optional[str] = None
+        self.peak_anon = anon_rss_bytes() or 0
 
     def progress(self, stage, done, total, preview=None, preview_latent=None):
         now = time.perf_counter()
+        self.peak_anon = max(self.peak_anon, anon_rss_bytes() or 0)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             peaks = self.stage_peaks.setdefault(stage, {"cuda_max_allocated": 0, "cuda_max_reserved": 0})
@@ -58,8 +74,14 @@ class TimingRuntime(StandaloneRuntime):
             if stage != self._current:
                 torch.cuda.reset_peak_memory_stats()
         self._current = stage
+        if stage != "encode":
+            self.work_stage = stage
         self.events.append((stage, done, total, now))
         super().progress(stage, done, total, preview, preview_latent)
+
+    def mark(self, stage: str) -> None:
+        """Close the running span and book it to ``stage`` (for work that reports no progress of its own)."""
+        self.events.append((stage, 0, 0, time.perf_counter()))
 
     def stage_seconds(self) -> Dict[str, float]:
         seconds: Dict[str, float] = {}
@@ -68,6 +90,26 @@ class TimingRuntime(StandaloneRuntime):
             seconds[stage] = seconds.get(stage, 0.0) + (when - last)
             last = when
         return seconds
+
+
+def time_vae_encodes(codec, runtime: TimingRuntime) -> None:
+    """Book every VAE encode to the "encode" stage. Encodes happen inside other stages (the prior hands its
+    frames to the encoder as they are finished; the BrushNet conditioning is encoded before sampling), so
+    progress events alone would book them to whichever stage reports next."""
+    encode = codec.encode
+
+    def timed(frames):
+        if runtime.device.type == "cuda":
+            torch.cuda.synchronize()
+        # the span so far belongs to the stage that is running (encode progress events do not start one)
+        runtime.mark(runtime.work_stage or "prior")
+        out = encode(frames)
+        if runtime.device.type == "cuda":
+            torch.cuda.synchronize()
+        runtime.mark("encode")
+        return out
+
+    codec.encode = timed
 
 
 def parse_resolution(text: str):
@@ -90,6 +132,35 @@ def ensure_models(size: str, cache: str) -> str:
     return folder
 
 
+#: --compile names -> the runtime handle names of those networks
+COMPILE_NAMES = {"unet": "diffueraser_unet_main", "brushnet": "diffueraser_brushnet", "vae": "sd15_vae"}
+
+
+def apply_techniques(args, runtime) -> None:
+    """The speed/memory switches measured one by one (README: technique study)."""
+    if args.vram_budget_gb is not None:
+        budget = int(args.vram_budget_gb * GIB)
+        runtime.vram_budget = budget
+        if runtime.device.type == "cuda":
+            # a hard cap as well, so a run that does not fit fails here as it would on the smaller card
+            total = torch.cuda.get_device_properties(runtime.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), runtime.device)
+    if args.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
+    runtime.channels_last = bool(args.channels_last)
+    runtime.compile_networks = tuple(COMPILE_NAMES[n] for n in (args.compile or ()))
+
+
+def techniques_of(args) -> dict:
+    return {
+        "windows_per_batch": args.windows_per_batch,
+        "channels_last": bool(args.channels_last),
+        "compile": list(args.compile or ()),
+        "cudnn_benchmark": bool(args.cudnn_benchmark),
+        "vram_budget_gb": args.vram_budget_gb,
+    }
+
+
 def run_once(args) -> dict:
     from diffueraser_core import cli
     from diffueraser_core.demo import synthetic_clip
@@ -101,6 +172,7 @@ def run_once(args) -> dict:
     runtime = TimingRuntime(device=device) if device else TimingRuntime()
     if args.dtype:
         runtime.dtype = getattr(torch, args.dtype)
+    apply_techniques(args, runtime)
     models_dir = args.models or ensure_models(args.size, args.cache)
 
     frames, masks = synthetic_clip(args.frames, (height, width))
@@ -114,7 +186,10 @@ def run_once(args) -> dict:
         models, codec, text = cli._load_diffusion(found, models_dir, namespace, runtime)
     load_seconds = time.perf_counter() - load_t0
 
-    sampler = SamplerSettings(steps=args.steps, pre_inference=not args.no_pre_inference)
+    sampler = SamplerSettings(steps=args.steps, pre_inference=not args.no_pre_inference,
+                              windows_per_batch=args.windows_per_batch)
+    if codec is not None:
+        time_vae_encodes(codec, runtime)
     injection = InjectionSettings(seed=0, window_length=sampler.window_length, inversion_steps=sampler.steps)
     if runtime.device.type == "cuda":
         torch.cuda.synchronize()
@@ -145,7 +220,11 @@ def run_once(args) -> dict:
         "seconds_per_frame": round(total / args.frames, 5),
         "stage_seconds": {k: round(v, 3) for k, v in runtime.stage_seconds().items()},
         "peak_rss_gib": round(peak_rss_bytes() / GIB, 3),
+        "peak_anon_rss_gib": round(runtime.peak_anon / GIB, 3),
         "input_video_gib": round(video_bytes / GIB, 4),
+        # target: host RAM at most the input video (uint8) plus 3 GB
+        "host_ram_target_gib": round(video_bytes / GIB + 3 * 1e9 / GIB, 3),
+        "techniques": techniques_of(args),
         "torch": torch.__version__,
     }
     if runtime.device.type == "cuda":
@@ -203,10 +282,19 @@ def main(argv=None) -> int:
     p.add_argument("--prior-only", action="store_true")
     p.add_argument("--no-pre-inference", action="store_true")
     p.add_argument("--machine", default=None, help="machine name recorded in the JSON")
+    p.add_argument("--windows-per-batch", type=int, default=1, help="sampling windows per forward (technique)")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format (technique)")
+    p.add_argument("--compile", nargs="*", default=None, metavar="NETWORK", choices=sorted(COMPILE_NAMES),
+                   help="torch.compile these networks (unet, brushnet, vae; none named: unet and brushnet)")
+    p.add_argument("--cudnn-benchmark", action="store_true", help="cudnn autotuning (technique)")
+    p.add_argument("--vram-budget-gb", type=float, default=None,
+                   help="behave like a card of this many GB (offload policy plus a hard allocator cap)")
     p.add_argument("--json", default=None, help="write the result here (appends to a list if the file exists)")
     p.add_argument("--check", default=None, help="baseline JSON to compare against")
     p.add_argument("--tolerance", type=float, default=0.25)
     args = p.parse_args(argv)
+    if args.compile is not None and not args.compile:
+        args.compile = ["unet", "brushnet"]
 
     result = run_once(args)
     print(json.dumps(result, indent=1))

@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-dilation", type=int, default=8, help="mask dilation iterations (3x3), default 8")
     p.add_argument("--window-length", type=int, default=22, help="frames per temporal window (default 22)")
     p.add_argument("--window-overlap", type=int, default=None, help="window overlap (default window-length // 4)")
+    p.add_argument("--windows-per-batch", type=int, default=1,
+                   help="sampling windows per forward: same result, more GPU memory; can be faster at low resolution")
     p.add_argument("--no-pre-inference", action="store_true", help="skip the keyframe pre-inference on long videos")
     p.add_argument("--mode", choices=("forward_noise", "ddim_inversion"), default="forward_noise",
                    help="prior injection: forward noise to t=999 (reference code) or DDIM inversion (paper)")
@@ -118,11 +120,16 @@ def _check_models(models_dir: str, prior_only: bool, lora: Optional[str]) -> dic
 
 
 def _load_diffusion(found: dict, models_dir: str, args, runtime):
-    from .models.checkpoints import load_brushnet, load_unet_main
+    from .models.checkpoints import load_brushnet, load_unet_main, network_file_bytes
     from .models.sd15_components import encode_prompt, load_text_encoder, load_vae
     from .pipeline import DiffuEraserModels, DiffusersVaeCodec
 
-    unet = load_unet_main(found["unet_main"])
+    def device_for(family):
+        # Built straight on the GPU when it fits: the weights then never take host RAM (the host-RAM budget
+        # is the input video plus a few GB, and unet_main alone is 2.6 GB in half precision).
+        return runtime.placement_device(network_file_bytes(found[family], family, runtime.dtype))
+
+    unet = load_unet_main(found["unet_main"], dtype=runtime.dtype, device=device_for("unet_main"))
     lora_path = _resolve_lora(found, models_dir, args.lora)
     if lora_path is not None:
         from .models.lora import apply_lora, read_lora
@@ -131,7 +138,7 @@ def _load_diffusion(found: dict, models_dir: str, args, runtime):
         log.info("PCM LoRA %s applied at strength %g", lora_path, args.lora_strength)
     else:
         log.warning("no PCM LoRA: a few-step schedule without it gives poor results")
-    brushnet = load_brushnet(found["brushnet"])
+    brushnet = load_brushnet(found["brushnet"], dtype=runtime.dtype, device=device_for("brushnet"))
     text_encoder = load_text_encoder(found["text_encoder"])
     text_encoder.to(runtime.device, runtime.dtype_for(text_encoder))
     text = encode_prompt(text_encoder, "", runtime.device)
@@ -164,6 +171,7 @@ def run(args, stream=None) -> None:
         guidance_scale=args.guidance_scale,
         window_length=args.window_length,
         window_overlap=args.window_overlap,
+        windows_per_batch=args.windows_per_batch,
         brushnet_scale=args.brushnet_scale,
         pre_inference=not args.no_pre_inference,
         mask_dilation=args.mask_dilation,

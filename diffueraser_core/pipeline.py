@@ -4,6 +4,9 @@ blend. Used by the CLI; the ComfyUI nodes call the same stages one by one.
 Memory: frames stay uint8 and masks bool on the CPU; every stage works chunk by chunk or window by window; the only
 whole-video float tensors are latent-sized (4 float32 per 8x8 pixel block: 1/12 of the uint8 frames' bytes at the
 working size), a few of them at a time (start latents, BrushNet conditioning, the step's merged result).
+``remove_objects`` never holds the prior video: ProPainter hands its finished frames over a chunk at a time and
+they are resized and VAE-encoded into the prior latent at once (the nodes, which pass the prior on as an IMAGE,
+encode it whole with ``encode_prior``).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from .temporal_sampling import (
     WindowSettings,
     build_conditioning,
     check_latent_frames,
+    check_windows_per_batch,
     denoise_windows,
     pairs_down,
 )
@@ -133,9 +137,12 @@ class SamplerSettings:
     brushnet_scale: float = 1.0
     pre_inference: bool = True
     mask_dilation: int = 8
+    #: sampling windows per BrushNet/UNet forward (1 = the reference; more = same result, more memory per forward)
+    windows_per_batch: int = 1
 
     def __post_init__(self):
         check_steps(self.steps)
+        self.windows_per_batch = check_windows_per_batch(self.windows_per_batch)
         if int(self.window_length) != self.window_length or not 1 <= self.window_length <= MAX_WINDOW_LENGTH:
             raise InputError(
                 f"DiffuEraser Sampler: window_length must be an integer in 1..{MAX_WINDOW_LENGTH} (the motion "
@@ -152,6 +159,7 @@ class SamplerSettings:
             window_overlap=self.window_overlap,
             guidance_scale=float(self.guidance_scale),
             brushnet_scale=float(self.brushnet_scale),
+            windows_per_batch=int(self.windows_per_batch),
         )
 
 
@@ -188,6 +196,52 @@ def encode_prior(prior_frames: torch.Tensor, working_size: Tuple[int, int], code
         if runtime is not None:
             runtime.progress("encode", stop, num)
     return out
+
+
+class _PriorLatentSink:
+    """A ``run_propainter_prior`` sink: VAE-encodes the prior frames at ``working_size`` into ``latent`` as they
+    arrive, so the input-size prior video is never held whole.
+
+    Frames are batched into the same ``FRAME_CHUNK`` ranges as ``encode_prior`` (the prior hands them over in
+    ranges of its own), so the VAE sees the same batches and the latent is bit for bit ``encode_prior``'s.
+    At most one such range plus one incoming range of input-size frames is held at a time.
+    """
+
+    def __init__(self, num: int, working_size: Tuple[int, int], codec, runtime):
+        self.num = int(num)
+        self.size = (int(working_size[0]), int(working_size[1]))
+        if self.size[0] % 8 or self.size[1] % 8:
+            raise InputError(f"{NODE} prior encode: working size {self.size[1]}x{self.size[0]} is not a multiple of 8")
+        self.codec = codec
+        self.runtime = runtime
+        self.latent = torch.empty((self.num, 4, self.size[0] // 8, self.size[1] // 8), dtype=torch.float32)
+        self.received = 0
+        self.encoded = 0
+        self.waiting: list = []  # input-size frames [encoded, received), in order
+
+    def __call__(self, start: int, stop: int, frames: torch.Tensor) -> None:
+        from .video import resize_frames
+
+        if start != self.received or not start < stop <= self.num or frames.shape[0] != stop - start:
+            raise RuntimeError(
+                f"{NODE} prior encode: internal error, got frames {start}..{stop} ({frames.shape[0]} frames) "
+                f"after {self.received} of {self.num}"
+            )
+        self.waiting.append(frames)
+        self.received = stop
+        while self.received - self.encoded >= FRAME_CHUNK or (self.received == self.num > self.encoded):
+            end = min(self.encoded + FRAME_CHUNK, self.num)
+            held = self.waiting[0] if len(self.waiting) == 1 else torch.cat(self.waiting)
+            take = end - self.encoded
+            self.latent[self.encoded : end] = self.codec.encode(resize_frames(held[:take], self.size))
+            self.waiting = [held[take:]] if take < held.shape[0] else []
+            self.encoded = end
+            self.runtime.progress("encode", end, self.num)
+
+    def result(self) -> torch.Tensor:
+        if self.encoded != self.num:
+            raise RuntimeError(f"{NODE} prior encode: internal error, {self.encoded} of {self.num} frames encoded")
+        return self.latent
 
 
 def prepare_sampling_inputs(frames, masks, where: str = "DiffuEraser Sampler"):
@@ -342,13 +396,13 @@ def remove_objects(
         raise InputError(f"{NODE}: the diffusion stage needs models, a VAE codec and text embeddings")
     # validate the working size before the (long) prior stage
     work_h, work_w = working_size(height, width, max_side)
-    prior = run_propainter_prior(
-        frames, masks, propainter_nets, _propainter_settings(propainter_settings, sampler_settings.mask_dilation), runtime
-    )
+    prior_settings = _propainter_settings(propainter_settings, sampler_settings.mask_dilation)
     if prior_only:
-        return prior.frames
-    prior_latent = encode_prior(prior.frames, (work_h, work_w), codec, runtime)
-    del prior
+        return run_propainter_prior(frames, masks, propainter_nets, prior_settings, runtime).frames
+    encoder = _PriorLatentSink(num, (work_h, work_w), codec, runtime)
+    run_propainter_prior(frames, masks, propainter_nets, prior_settings, runtime, sink=encoder)
+    prior_latent = encoder.result()
+    del encoder
     latent_hw = (work_h // 8, work_w // 8)
     conditioning = build_conditioning(frames, masks, latent_hw, codec, sampler_settings.mask_dilation)
     if injection_settings.mode == "ddim_inversion":

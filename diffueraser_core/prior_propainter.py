@@ -14,6 +14,10 @@ Reproduces DiffuEraser's ``propainter/inference.py`` (reference-spec section 9) 
 * The result is at the input size: the generated working-size frames are upscaled (bicubic, antialiased) and
   composited inside the dilated mask (the working-size dilated mask upscaled by nearest neighbour, united with
   the input mask so no hole pixel is ever left out); every pixel outside it is the input's, bit for bit.
+* Host memory: by default the result is returned whole, an input-size uint8 copy of the video plus its bool
+  mask (4 bytes per input pixel per frame on top of the input). With a ``sink`` the finished frames are handed
+  over ``OUTPUT_FLUSH_FRAMES`` at a time, in frame order, and that copy never exists: what stays is the input
+  and the working-size storage (uint8 frames, bool masks, fp16 flows and propagated frames).
 
 Reference behaviour kept on purpose: the working size (ratio 0.6, longer side capped at 960, rounded down to
 a multiple of 8), ProPainter's cross-shaped mask dilation, RAFT in fp32 on consecutive pairs in short clips,
@@ -75,8 +79,12 @@ RAFT_VALUES_PER_PIXEL = 256
 COMPLETION_VALUES_PER_PIXEL = 384
 PROPAGATION_VALUES_PER_PIXEL = 64
 TRANSFORMER_VALUES_PER_PIXEL = 384
-# Finished working-size frames are upscaled and written to the output this many at a time.
+# Finished working-size frames are upscaled and written to the output (or handed to the sink) this many at a time.
 OUTPUT_FLUSH_FRAMES = 16
+
+#: ``sink(start, stop, frames_u8)``: receives the finished input-size frames ``[start, stop)`` (uint8
+#: ``[stop-start,H,W,3]``, to be treated as read-only: they may be views of the input).
+PriorSink = Callable[[int, int, torch.Tensor], None]
 
 RAFT_FILE = "raft-things.pth"
 FLOW_COMPLETION_FILE = "recurrent_flow_completion.pth"
@@ -159,10 +167,13 @@ class ProPainterNets:
 
 @dataclass
 class PriorResult:
-    """``frames`` uint8 [T,H,W,3] at the input size; ``masks`` bool [T,H,W], the dilated mask composited in."""
+    """``frames`` uint8 [T,H,W,3] at the input size; ``masks`` bool [T,H,W], the dilated mask composited in.
 
-    frames: torch.Tensor
-    masks: torch.Tensor
+    Both are None when the frames went to a sink instead (``run_propainter_prior(..., sink=...)``).
+    """
+
+    frames: Optional[torch.Tensor]
+    masks: Optional[torch.Tensor]
 
 
 def load_propainter_nets(folder, runtime, raft_path=None, flow_completion_path=None, generator_path=None
@@ -418,15 +429,23 @@ def _pre_propagate(frames_u8, masks, flow_masks, nets, settings, dtype, runtime,
 
 
 class _OutputWriter:
-    """Collects composited working-size frames and writes finished ones into the input-size output."""
+    """Collects composited working-size frames and writes finished ones into the input-size output, or hands them
+    to ``sink`` (then no input-size output or mask is ever allocated).
 
-    def __init__(self, frames, masks, work_masks):
+    Frames are finished in increasing order and a written frame is never added again (every transformer step
+    only adds frames at or after the frame it starts at, and only frames before it are flushed), so the frames
+    written form one contiguous run from 0; ``_write`` checks it, since a sink cannot take anything else.
+    """
+
+    def __init__(self, frames, masks, work_masks, sink: Optional[PriorSink] = None):
         self.frames = frames
         self.masks = masks
         self.work_masks = work_masks
-        self.output = frames.clone()
-        self.out_masks = torch.empty_like(masks)
+        self.sink = sink
+        self.output = frames.clone() if sink is None else None
+        self.out_masks = torch.empty_like(masks) if sink is None else None
         self.pending: Dict[int, torch.Tensor] = {}
+        self.written = 0
 
     def add(self, index: int, composite: torch.Tensor) -> None:
         previous = self.pending.get(index)
@@ -451,12 +470,30 @@ class _OutputWriter:
         self.flush(stop, force=True)
 
     def _write(self, indices: List[int]) -> None:
+        start, stop = self.written, self.written + len(indices)
+        if indices != list(range(start, stop)):
+            raise RuntimeError(
+                f"{STAGE}: internal error, frames {indices[:3]}... were finished out of order (next expected {start})"
+            )
         height, width = self.frames.shape[1:3]
         generated = torch.stack([self.pending.pop(i) for i in indices])
         upscaled = resize_frames(generated, (height, width), mode="bicubic")
-        hole = resize_masks_nearest(self.work_masks[indices], (height, width)) | self.masks[indices]
-        self.out_masks[indices] = hole
-        self.output[indices] = torch.where(hole.unsqueeze(-1), upscaled, self.frames[indices])
+        hole = resize_masks_nearest(self.work_masks[start:stop], (height, width)) | self.masks[start:stop]
+        composite = torch.where(hole.unsqueeze(-1), upscaled, self.frames[start:stop])
+        self.written = stop
+        if self.sink is None:
+            self.out_masks[start:stop] = hole
+            self.output[start:stop] = composite
+        else:
+            self.sink(start, stop, composite)
+
+    def finish(self) -> PriorResult:
+        if self.pending or self.written != self.frames.shape[0]:
+            raise RuntimeError(
+                f"{STAGE}: internal error, {self.written} of {self.frames.shape[0]} frames written, "
+                f"{len(self.pending)} left pending"
+            )
+        return PriorResult(frames=self.output, masks=self.out_masks)
 
 
 def _transformer(
@@ -549,6 +586,7 @@ def run_propainter_prior(
     nets: ProPainterNets,
     settings: Optional[ProPainterSettings] = None,
     runtime=None,
+    sink: Optional[PriorSink] = None,
 ) -> PriorResult:
     """ProPainter prior of a video (reference-spec section 9), streamed through ``runtime``.
 
@@ -556,6 +594,12 @@ def run_propainter_prior(
     ``PriorResult(frames uint8 [T,H,W,3], masks bool [T,H,W])``: generated content inside the returned
     (dilated) mask, the input's pixels outside it. An empty mask returns the input frames themselves (no copy)
     without touching any network.
+
+    ``sink``: when given, ``sink(start, stop, frames_u8)`` receives the result frames instead, in consecutive
+    ranges covering ``[0, T)`` exactly once, in order (at most ``OUTPUT_FLUSH_FRAMES`` frames per call, bit for
+    bit the slices of the returned frames without a sink), as they are finished; the call then returns
+    ``PriorResult(None, None)`` and never holds an input-size copy of the video. The frames are read-only (with
+    an empty mask they are slices of the input). An exception raised by the sink stops the stage.
     """
     if runtime is None:
         from .runtime import StandaloneRuntime
@@ -566,7 +610,12 @@ def run_propainter_prior(
     masks = _check_inputs(frames, masks)
     count, height, width = frames.shape[:3]
     if not bool(masks.any()):
-        return PriorResult(frames=frames, masks=masks.contiguous())
+        if sink is None:
+            return PriorResult(frames=frames, masks=masks.contiguous())
+        for start in range(0, count, OUTPUT_FLUSH_FRAMES):
+            stop = min(start + OUTPUT_FLUSH_FRAMES, count)
+            sink(start, stop, frames[start:stop])
+        return PriorResult(frames=None, masks=None)
     h, w = working_size(height, width, settings)
     if min(h, w) < MIN_WORKING_SIDE:
         raise InputError(
@@ -575,19 +624,26 @@ def run_propainter_prior(
         )
     if count == 1:
         # Flow needs a pair: run the frame twice (zero motion) and keep the first result.
-        result = run_propainter_prior(
-            frames.expand(2, height, width, 3), masks.expand(2, height, width), nets, settings, runtime
-        )
-        return PriorResult(frames=result.frames[:1].clone(), masks=result.masks[:1].clone())
+        pair_frames, pair_masks = frames.expand(2, height, width, 3), masks.expand(2, height, width)
+        if sink is None:
+            result = run_propainter_prior(pair_frames, pair_masks, nets, settings, runtime)
+            return PriorResult(frames=result.frames[:1].clone(), masks=result.masks[:1].clone())
+
+        def first_frame_only(start: int, stop: int, part: torch.Tensor) -> None:
+            if start < 1:
+                sink(0, 1, part[: 1 - start])
+
+        run_propainter_prior(pair_frames, pair_masks, nets, settings, runtime, sink=first_frame_only)
+        return PriorResult(frames=None, masks=None)
 
     dtype = settings.compute_dtype or runtime.dtype
     work_frames = resize_frames(frames, (h, w), mode="bicubic")
     work_masks = dilate_cross(resize_masks_nearest(masks, (h, w)), settings.mask_dilation)
-    writer = _OutputWriter(frames, masks, work_masks)
+    writer = _OutputWriter(frames, masks, work_masks, sink)
     if not bool(work_masks.any()):
         log.info("%s: the mask vanishes at the working size %dx%d; nothing for the networks to fill", STAGE, w, h)
         writer.write_range(0, count, work_frames)
-        return PriorResult(frames=writer.output, masks=writer.out_masks)
+        return writer.finish()
 
     # progress units: RAFT pairs + completed flows + propagated frames (+ the same for pre-propagation) + steps
     chunk = settings.propagation_chunk
@@ -614,4 +670,4 @@ def run_propainter_prior(
         # Also after a cancel or an error, so the host can offload the networks.
         for handle in (nets.raft, nets.flow_completion, nets.generator):
             handle.release()
-    return PriorResult(frames=writer.output, masks=writer.out_masks)
+    return writer.finish()

@@ -35,22 +35,60 @@ class ModelHandle:
         self.module = module
         self.runtime = runtime
         self.name = name
+        self._compiled: Optional[torch.nn.Module] = None
+        self._channels_last = False
 
     def acquire(self, memory_required: int = 0) -> torch.nn.Module:
         rt = self.runtime
-        rt.offload_released(keep=self)
         device, dtype = rt.device, rt.dtype_for(self.module)
         first = next(self.module.parameters(), None)
+        moving = first is not None and (first.device != device or first.dtype != dtype)
+        incoming = module_bytes(self.module, dtype) if moving and first.device != device else 0
+        rt.offload_released(keep=self, needed=int(memory_required) + incoming)
         # Stages acquire once per window; only move when something changed (a no-op .to() is not free).
-        if first is None or first.device != device or first.dtype != dtype:
+        if moving:
             self.module.to(device=device, dtype=dtype)
+        if rt.channels_last and not self._channels_last:
+            to_channels_last(self.module)
+            self._channels_last = True
+        if self.name in rt.compile_networks:
+            if self._compiled is None:
+                # Compiled lazily on the first call; the wrapper shares the module's parameters, so moves and
+                # offloads of ``self.module`` apply to it.
+                self._compiled = torch.compile(self.module)
+            return self._compiled
         return self.module
 
     def release(self) -> None:
         # Offloaded lazily, when another network is acquired (as ComfyUI evicts on demand): a stage that calls the
         # VAE chunk by chunk then keeps it on the device instead of moving it out and back for every chunk.
-        if self.runtime.offload_after_use and self.runtime.device.type != "cpu":
-            self.runtime.released.append(self)
+        released = self.runtime.released
+        if self.runtime.offload_after_use and self.runtime.device.type != "cpu" and self not in released:
+            released.append(self)
+
+
+def to_channels_last(module: torch.nn.Module) -> None:
+    """2D convolution weights in channels_last layout (Module.to(memory_format=...) refuses networks that also
+    hold 3D/5D convolutions, as ProPainter's do); later device moves keep the layout."""
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.Conv2d):
+            layer.weight.data = layer.weight.data.contiguous(memory_format=torch.channels_last)
+
+
+def module_bytes(module: torch.nn.Module, dtype: Optional[torch.dtype] = None) -> int:
+    """Bytes of a network's parameters and buffers (floating ones counted in ``dtype`` when given)."""
+    total = 0
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        size = tensor.element_size()
+        if dtype is not None and tensor.is_floating_point():
+            size = torch.empty((), dtype=dtype).element_size()
+        total += tensor.numel() * size
+    return total
+
+
+#: device memory kept free beyond a request when deciding whether released networks may stay resident
+#: (allocator fragmentation and the kernels' workspaces are not in the estimates)
+RESIDENCY_MARGIN_BYTES = 512 * 1024 ** 2
 
 
 def default_device() -> torch.device:
@@ -79,6 +117,13 @@ class StandaloneRuntime:
     offload_after_use: bool = True
     progress_callback: Optional[Callable[[str, int, int, Optional[torch.Tensor]], None]] = None
     interrupt_flag: Optional[Callable[[], bool]] = None
+    #: cap on the device memory this run may use, in bytes (None: the whole card). Lets a large GPU behave
+    #: like a small one: networks are offloaded to stay under it (the bench pairs it with a hard allocator cap).
+    vram_budget: Optional[int] = None
+    #: speed switches (bench/README.md, technique study): channels_last weights, and the handle names of the
+    #: networks to run through torch.compile (e.g. "diffueraser_unet_main", "diffueraser_brushnet")
+    channels_last: bool = False
+    compile_networks: tuple = ()
 
     def __post_init__(self):
         self.released: List[ModelHandle] = []
@@ -86,12 +131,41 @@ class StandaloneRuntime:
         if self.dtype is None:
             self.dtype = default_dtype(self.device)
 
-    def offload_released(self, keep: Optional[ModelHandle] = None) -> None:
-        """Move every released network except ``keep`` to the offload device."""
+    def free_device_memory(self) -> Optional[int]:
+        """Bytes still usable on ``device`` (within ``vram_budget`` when set); None when unknown."""
+        if self.device.type != "cuda":
+            return None
+        free, _total = torch.cuda.mem_get_info(self.device)
+        if self.vram_budget is not None:
+            free = min(free, int(self.vram_budget) - torch.cuda.memory_reserved(self.device))
+        return int(free)
+
+    def placement_device(self, nbytes: int) -> torch.device:
+        """Where to build a network of ``nbytes`` at load time: straight on ``device`` when it fits there (the
+        weights then never occupy host RAM), else on the offload device."""
+        free = self.free_device_memory()
+        if free is not None and free >= nbytes + RESIDENCY_MARGIN_BYTES:
+            return self.device
+        return self.offload_device if self.device.type != "cpu" else self.device
+
+    def offload_released(self, keep: Optional[ModelHandle] = None, needed: int = 0) -> None:
+        """Make room for ``needed`` bytes by moving released networks (oldest release first) to the offload
+        device. Where free device memory is known (CUDA), released networks that do not stand in the way stay
+        resident, as ComfyUI evicts on demand: a stage switch then costs no weight transfer on a large card.
+        Where it is unknown, every released network except ``keep`` goes."""
+        free = self.free_device_memory()
+        kept: List[ModelHandle] = []
         for handle in self.released:
-            if handle is not keep:
-                handle.module.to(self.offload_device)
-        self.released = []  # ``keep`` is being acquired again: held, not released
+            if handle is keep:
+                continue  # being acquired again: held, not released
+            if free is not None and free >= needed + RESIDENCY_MARGIN_BYTES:
+                kept.append(handle)
+                continue
+            handle.module.to(self.offload_device)
+            if free is not None:
+                self.empty_cache()
+                free = self.free_device_memory()
+        self.released = kept
 
     def dtype_for(self, module: torch.nn.Module) -> torch.dtype:
         # Networks that are numerically fragile in half precision may pin their own dtype.

@@ -4,7 +4,14 @@ One denoising step walks the video in the staggered windows of ``windows.py`` (l
 for each window its latents and BrushNet conditioning go to the device, BrushNet runs once on the window's frames
 (independently per frame), the motion UNet once on the whole window with BrushNet's 28 residuals, and the window
 moves by one deterministic TCD step (eta = 0, i.e. a DDIM step, as the reference's pipeline default). The windows'
-results are merged on the CPU with ``WindowAccumulator``; only one window is ever on the device.
+results are merged on the CPU with ``WindowAccumulator``, in list order.
+
+Window batching (``WindowSettings.windows_per_batch`` > 1): the windows of one step all read the previous step's
+latents and only meet in the accumulator, so consecutive windows of equal length can go through BrushNet and the
+UNet as one batch of videos; the accumulator still receives them one by one in list order, so the result is the
+one-window-at-a-time result (up to the last bits of batched conv/attention reductions). At small resolutions one
+window leaves most of a GPU idle, which is what this buys back. A batch that runs out of memory is redone window by
+window, and the rest of that ``denoise_windows`` call stays at one window per forward.
 
 Classifier-free guidance runs only when ``guidance_scale > 1`` and a negative embedding is given (the reference
 forces guidance 0 for every PCM checkpoint, quirk 10): uncond and cond then go as a batch of 2, split into two
@@ -38,16 +45,35 @@ CONDITIONING_CHUNK = 16
 ACTIVATION_BYTES_PER_LATENT_PIXEL = 12_000
 
 
+def check_windows_per_batch(value, where: str = "DiffuEraser Sampler") -> int:
+    try:
+        ok = not isinstance(value, bool) and int(value) == value and value >= 1
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise InputError(f"{where}: windows_per_batch must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
 @dataclass
 class WindowSettings:
     """Per-window knobs: window_length/overlap (22, 22//4), guidance_scale (CFG only if > 1 and a negative is
-    given), brushnet_scale (BrushNet conditioning_scale, 1.0), overwrite_last_overlap (reference quirk 3)."""
+    given), brushnet_scale (BrushNet conditioning_scale, 1.0), overwrite_last_overlap (reference quirk 3).
+
+    windows_per_batch: 1 (default) is the reference behaviour, one window per BrushNet/UNet forward; > 1 lets up to
+    that many consecutive windows of equal length of one step share a forward (same result, more memory per
+    forward; falls back to one window at a time on out-of-memory).
+    """
 
     window_length: int = DEFAULT_WINDOW_LENGTH
     window_overlap: Optional[int] = None
     guidance_scale: float = 0.0
     brushnet_scale: float = 1.0
     overwrite_last_overlap: bool = True
+    windows_per_batch: int = 1
+
+    def __post_init__(self):
+        self.windows_per_batch = check_windows_per_batch(self.windows_per_batch)
 
 
 @dataclass
@@ -146,32 +172,49 @@ def predict_noise(
     brushnet_scale: float,
 ) -> torch.Tensor:
     """eps for a window: ``x`` ``[F,4,h,w]`` (scaled), ``cond`` ``[F,5,h,w]``, ``embeddings`` ``[B,L,D]`` (B text
-    embeddings, e.g. uncond + cond). Returns ``[B,F,4,h,w]`` float32 on the device."""
-    frames = x.shape[0]
+    embeddings, e.g. uncond + cond). Returns ``[B,F,4,h,w]`` float32 on the device.
+
+    Several windows of the same length at once: ``x`` ``[K,F,4,h,w]`` and ``cond`` ``[K,F,5,h,w]`` run as K*B
+    videos in one forward of each network and give ``[K,B,F,4,h,w]``.
+    """
+    single = x.dim() == 4
+    if single:
+        x, cond = x.unsqueeze(0), cond.unsqueeze(0)
+    if cond.shape[:2] != x.shape[:2]:
+        raise InputError(
+            f"DiffuEraser Sampler: conditioning {tuple(cond.shape)} does not match the latents {tuple(x.shape)}"
+        )
+    windows, frames = x.shape[0], x.shape[1]
     batch = embeddings.shape[0]
+    videos = windows * batch
     device = x.device
     b_dtype, u_dtype = _model_dtype(brushnet), _model_dtype(unet)
     t = torch.tensor(int(timestep), device=device, dtype=torch.long)
-    sample = x.repeat(batch, 1, 1, 1)  # (b f) order
+    # (k b f) order: the UNet reads BrushNet's residuals as [video, frame], so frames must stay innermost
+    sample = x.unsqueeze(1).expand(windows, batch, *x.shape[1:]).reshape(videos * frames, *x.shape[2:])
+    video_cond = cond.unsqueeze(1).expand(windows, batch, *cond.shape[1:]).reshape(videos * frames, *cond.shape[2:])
+    video_text = embeddings.repeat(windows, 1, 1)
     down, mid, up = brushnet(
         sample.to(b_dtype),
         t,
-        encoder_hidden_states=_repeat_frames(embeddings, frames).to(b_dtype),
-        brushnet_cond=cond.repeat(batch, 1, 1, 1).to(b_dtype),
+        encoder_hidden_states=_repeat_frames(video_text, frames).to(b_dtype),
+        brushnet_cond=video_cond.to(b_dtype),
         conditioning_scale=brushnet_scale,
     )
-    video = sample.view(batch, frames, *x.shape[1:]).permute(0, 2, 1, 3, 4)  # [B,4,F,h,w]
+    video = sample.view(videos, frames, *x.shape[2:]).permute(0, 2, 1, 3, 4)  # [K*B,4,F,h,w]
     out = unet(
         video.to(u_dtype),
         t,
-        encoder_hidden_states=embeddings.to(u_dtype),
+        encoder_hidden_states=video_text.to(u_dtype),
         down_block_add_samples=[d.to(u_dtype) for d in down],
         mid_block_add_sample=mid.to(u_dtype),
         up_block_add_samples=[u.to(u_dtype) for u in up],
     )
     if not isinstance(out, torch.Tensor):  # a diffusers output object
         out = out[0]
-    return out.permute(0, 2, 1, 3, 4).to(torch.float32)
+    out = out.permute(0, 2, 1, 3, 4).to(torch.float32)
+    out = out.reshape(windows, batch, *out.shape[1:])
+    return out[0] if single else out
 
 
 # An out-of-memory window is retried once asking for this many times the estimate (see _guided_noise).
@@ -181,6 +224,47 @@ OOM_RETRY_MEMORY_FACTOR = 2
 def _memory_hint(frames: int, latent_hw: Tuple[int, int], batch: int, dtype: torch.dtype) -> int:
     itemsize = torch.empty((), dtype=dtype).element_size()
     return int(ACTIVATION_BYTES_PER_LATENT_PIXEL * frames * latent_hw[0] * latent_hw[1] * batch * itemsize)
+
+
+def _use_cfg(negative: Optional[torch.Tensor], settings: WindowSettings) -> bool:
+    return negative is not None and settings.guidance_scale > 1.0
+
+
+def _batched_guided_noise(
+    models,
+    xs: torch.Tensor,
+    timestep: int,
+    conds: torch.Tensor,
+    text: torch.Tensor,
+    negative: Optional[torch.Tensor],
+    settings: WindowSettings,
+    runtime,
+) -> torch.Tensor:
+    """eps ``[K,F,4,h,w]`` of K equal-length windows ``xs`` ``[K,F,4,h,w]`` in one forward, CFG as in
+    ``_guided_noise``. No out-of-memory handling here: the caller redoes the windows one by one."""
+    use_cfg = _use_cfg(negative, settings)
+    device = runtime.device
+    embeddings = torch.cat([negative, text]) if use_cfg else text
+    windows, frames = xs.shape[0], xs.shape[1]
+    memory = _memory_hint(frames, (xs.shape[3], xs.shape[4]), windows * embeddings.shape[0], runtime.dtype)
+    brushnet = models.brushnet.acquire(memory_required=memory)
+    unet = models.unet.acquire(memory_required=memory)
+    eps = predict_noise(
+        unet, brushnet, xs.to(device), timestep, conds.to(device), embeddings.to(device), settings.brushnet_scale
+    )
+    if use_cfg:
+        uncond, cond_eps = eps[:, 0], eps[:, 1]
+        return uncond + settings.guidance_scale * (cond_eps - uncond)
+    return eps[:, 0]
+
+
+def _equal_length_run(windows: Sequence[Tuple[int, int]], first: int, limit: int) -> int:
+    """How many windows from ``first`` on (at most ``limit``) have the length of window ``first``."""
+    length = windows[first][1] - windows[first][0]
+    end = first + 1
+    while end < len(windows) and end - first < limit and windows[end][1] - windows[end][0] == length:
+        end += 1
+    return end - first
 
 
 def _guided_noise(
@@ -199,7 +283,7 @@ def _guided_noise(
     twice the memory, which makes ComfyUI free more or load the networks partially (low-VRAM streaming). The
     temporal attention needs the whole window at once, so a window itself is never split.
     """
-    use_cfg = negative is not None and settings.guidance_scale > 1.0
+    use_cfg = _use_cfg(negative, settings)
     device = runtime.device
     embeddings = torch.cat([negative, text]) if use_cfg else text
     hw = (x.shape[2], x.shape[3])
@@ -258,7 +342,10 @@ def denoise_windows(
 
     Going down this is the TCD sampler; going up (pairs ascending) the DDIM inversion. ``step_numbers`` picks
     the window list of each step (default 0, 1, 2, ...: list A on even numbers). Returns new float32 CPU latents.
+    With ``settings.windows_per_batch`` > 1 equal-length windows share forwards (see the module docstring).
     """
+    # the settings object may have been changed after construction
+    per_batch = check_windows_per_batch(settings.windows_per_batch)
     num = int(latents.shape[0])
     if conditioning.num_frames != num:
         raise InputError(
@@ -281,17 +368,56 @@ def denoise_windows(
     try:
         for (t, s), windows in zip(timestep_pairs, schedule):
             acc = WindowAccumulator(num, overwrite_last_overlap=settings.overwrite_last_overlap, dtype=torch.float32)
-            for start, stop in windows:
+            first = 0
+            while first < len(windows):
                 runtime.check_interrupt()
-                x = latents[start:stop]
-                eps = _guided_noise(
-                    models, x, t, conditioning.window(start, stop), text, negative, settings, runtime
-                )
-                moved = ddim_update(x.to(eps.device), eps, t, s).cpu()
-                acc.add(start, stop, moved)
-                done += 1
-                middle = moved.shape[0] // 2
-                runtime.progress(stage, done, total, preview_latent=moved[middle : middle + 1] / VAE_SCALING)
+                group = windows[first : first + _equal_length_run(windows, first, per_batch)]
+                first += len(group)
+                moved_group = None
+                out_of_memory = False
+                if len(group) > 1:
+                    xs = torch.stack([latents[a:b] for a, b in group])
+                    try:
+                        eps = _batched_guided_noise(
+                            models,
+                            xs,
+                            t,
+                            torch.stack([conditioning.window(a, b) for a, b in group]),
+                            text,
+                            negative,
+                            settings,
+                            runtime,
+                        )
+                        moved_group = ddim_update(xs.to(eps.device), eps, t, s).cpu()
+                    except Exception as exc:  # only out-of-memory is handled; everything else propagates
+                        if not runtime.is_oom(exc):
+                            raise
+                        out_of_memory = True
+                if out_of_memory:
+                    # outside the except block: the exception's traceback no longer pins the failed activations
+                    runtime.empty_cache()
+                    log.warning(
+                        "DiffuEraser Sampler: out of memory on a batch of %d windows; running one window per "
+                        "forward for the rest of this %s",
+                        len(group),
+                        stage,
+                    )
+                    per_batch = 1
+                for i, (start, stop) in enumerate(group):
+                    if moved_group is not None:
+                        moved = moved_group[i]
+                    else:
+                        if i:  # the group's first window was covered by the check above
+                            runtime.check_interrupt()
+                        x = latents[start:stop]
+                        eps = _guided_noise(
+                            models, x, t, conditioning.window(start, stop), text, negative, settings, runtime
+                        )
+                        moved = ddim_update(x.to(eps.device), eps, t, s).cpu()
+                    acc.add(start, stop, moved)
+                    done += 1
+                    middle = moved.shape[0] // 2
+                    runtime.progress(stage, done, total, preview_latent=moved[middle : middle + 1] / VAE_SCALING)
             latents = acc.result()
     finally:
         models.brushnet.release()

@@ -54,3 +54,39 @@ def test_resolution_parsing(bench):
     assert bench.parse_resolution("1280x720") == (1280, 720)
     with pytest.raises(SystemExit, match="1280x720"):
         bench.parse_resolution("720p")
+
+
+def test_vae_encodes_inside_other_stages_are_booked_to_encode(bench, monkeypatch):
+    runtime = bench.TimingRuntime(device="cpu")
+    runtime.t0 = 0.0
+    clock = iter([1.0, 2.0, 2.5, 2.5, 4.0, 5.0, 5.25, 6.0])
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+
+    class Codec:
+        def encode(self, frames):
+            return frames
+
+    codec = Codec()
+    bench.time_vae_encodes(codec, runtime)
+    runtime.progress("prior", 1, 2)          # 1.0: prior work 0 -> 1
+    codec.encode(None)                       # 2.0 booked to prior, 2.5 to encode
+    runtime.progress("encode", 16, 20)       # 2.5: the pipeline reports right after encoding
+    runtime.progress("prior", 2, 2)          # 4.0: the prior goes on
+    codec.encode(None)                       # 5.0 prior, 5.25 encode
+    runtime.progress("sampling", 1, 1)       # 6.0
+    seconds = runtime.stage_seconds()
+    assert seconds["encode"] == pytest.approx(0.5 + 0.25)
+    assert seconds["prior"] == pytest.approx(1.0 + 1.0 + 1.5 + 1.0)
+    assert seconds["sampling"] == pytest.approx(0.75)
+
+
+def test_run_reports_host_ram_against_the_target_and_the_techniques(bench, tmp_path, monkeypatch):
+    out = tmp_path / "r.json"
+    assert bench.main(["--size", "tiny", "--resolution", "64x64", "--frames", "3", "--device", "cpu",
+                       "--cache", str(tmp_path / "cache"), "--windows-per-batch", "2", "--channels-last",
+                       "--json", str(out)]) == 0
+    result = json.loads(out.read_text())[0]
+    assert result["techniques"]["windows_per_batch"] == 2 and result["techniques"]["channels_last"] is True
+    assert 0 < result["peak_anon_rss_gib"] <= result["peak_rss_gib"]
+    assert result["host_ram_target_gib"] == pytest.approx(result["input_video_gib"] + 3e9 / 2 ** 30, abs=1e-3)
+    assert result["stage_seconds"]["encode"] > 0 and result["stage_seconds"]["prior"] > 0

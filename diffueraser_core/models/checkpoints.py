@@ -611,14 +611,17 @@ def _target_dtype(shapes: TensorShapes, dtype: Optional[torch.dtype]) -> torch.d
     return max(counts, key=counts.get) if counts else torch.float32
 
 
-def _read_tensors(weights: str, what: str, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
-    """All tensors, floating ones converted to ``dtype`` one at a time (peak: the result plus one tensor)."""
+def _read_tensors(weights: str, what: str, dtype: torch.dtype, device="cpu") -> Dict[str, torch.Tensor]:
+    """All tensors on ``device``, floating ones converted to ``dtype`` one at a time (peak: the result plus one
+    tensor). A safetensors file is read tensor by tensor straight onto ``device``, so a network built on the GPU
+    never occupies host RAM."""
+    device = str(torch.device(device))
     if weights.lower().endswith(SAFETENSORS_SUFFIXES):
         from safetensors import SafetensorError, safe_open
 
         tensors = {}
         try:
-            with safe_open(weights, framework="pt", device="cpu") as handle:
+            with safe_open(weights, framework="pt", device=device) as handle:
                 for name in handle.keys():
                     tensor = handle.get_tensor(name)
                     tensors[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
@@ -630,13 +633,15 @@ def _read_tensors(weights: str, what: str, dtype: torch.dtype) -> Dict[str, torc
     tensors = read_state_dict(weights, what)
     for name in list(tensors):
         if tensors[name].is_floating_point():
-            tensors[name] = tensors[name].to(dtype)
+            tensors[name] = tensors[name].to(device, dtype)
+        else:
+            tensors[name] = tensors[name].to(device)
     return tensors
 
 
-def _load_network(path: str, spec: _NetworkSpec, dtype: Optional[torch.dtype]):
+def _load_network(path: str, spec: _NetworkSpec, dtype: Optional[torch.dtype], device=None):
     weights, model, shapes = _prepare(path, spec)
-    tensors = _read_tensors(weights, spec.what, _target_dtype(shapes, dtype))
+    tensors = _read_tensors(weights, spec.what, _target_dtype(shapes, dtype), device or "cpu")
     model.load_state_dict(tensors, strict=True, assign=True)
     del tensors
     left_on_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
@@ -648,17 +653,33 @@ def _load_network(path: str, spec: _NetworkSpec, dtype: Optional[torch.dtype]):
     return model
 
 
-def load_unet_main(path: str, dtype: Optional[torch.dtype] = None):
-    """DiffuEraserUNet from a diffusers folder or a single file, on the CPU in eval mode.
+def load_unet_main(path: str, dtype: Optional[torch.dtype] = None, device=None):
+    """DiffuEraserUNet from a diffusers folder or a single file, in eval mode on ``device`` (default the CPU).
 
     ``dtype`` None keeps the file's floating dtype (fp32, fp16 or bf16).
     """
-    return _load_network(path, UNET_MAIN_SPEC, dtype)
+    return _load_network(path, UNET_MAIN_SPEC, dtype, device)
 
 
-def load_brushnet(path: str, dtype: Optional[torch.dtype] = None):
-    """BrushNetModel from a diffusers folder or a single file, on the CPU in eval mode."""
-    return _load_network(path, BRUSHNET_SPEC, dtype)
+def load_brushnet(path: str, dtype: Optional[torch.dtype] = None, device=None):
+    """BrushNetModel from a diffusers folder or a single file, in eval mode on ``device`` (default the CPU)."""
+    return _load_network(path, BRUSHNET_SPEC, dtype, device)
+
+
+def network_file_bytes(path: str, family: str, dtype: Optional[torch.dtype] = None) -> int:
+    """Bytes the network in ``path`` will take once loaded in ``dtype`` (None: as stored), from the header only."""
+    spec = {UNET_MAIN_SPEC.family: UNET_MAIN_SPEC, BRUSHNET_SPEC.family: BRUSHNET_SPEC}[family]
+    weights, _ = _resolve_weights(path, spec)
+    shapes = read_tensor_shapes(weights, spec.what)
+    target = _target_dtype(shapes, dtype)
+    total = 0
+    for shape, tensor_dtype in shapes.values():
+        numel = 1
+        for dim in shape:
+            numel *= int(dim)
+        size = torch.empty((), dtype=target if tensor_dtype.is_floating_point else tensor_dtype).element_size()
+        total += numel * size
+    return total
 
 
 # ------------------------------------------------------------------------------------- strict loading helpers
