@@ -2,10 +2,12 @@
 
 Reproduces DiffuEraser's ``propainter/inference.py`` (reference-spec section 9) with streaming memory:
 
-* The whole video stays on the CPU in compact dtypes: input/output frames and working-size frames ``uint8``,
-  masks ``bool``, flows and propagated frames ``float16``. Only the current clip / chunk / transformer step
-  goes to ``runtime.device`` and comes back, so peak device memory depends on the chunk lengths and the
-  resolution, never on the video length.
+* The video stays on the CPU in compact dtypes: input frames ``uint8``, masks ``bool``, flows and propagated
+  frames ``float16``. The working-size frames, flows and propagated frames are computed a chunk at a time when
+  a later step first needs them and dropped once nothing ahead reads them (``_FlowGuidedVideo``): for a video
+  longer than ``subvideo_length`` what is held depends on the chunk lengths and the transformer's reference
+  window, never on the video length. Only the current clip / chunk / transformer step goes to
+  ``runtime.device`` and comes back, so peak device memory does not depend on the video length either.
 * Each network is acquired through its runtime handle once per chunk with a rough memory estimate, so the host
   can make room. On an out-of-memory error the cache is emptied and the same frames are computed again with
   half the chunk: exact for RAFT (pairs are independent); for flow completion and image propagation only the
@@ -16,8 +18,8 @@ Reproduces DiffuEraser's ``propainter/inference.py`` (reference-spec section 9) 
   the input mask so no hole pixel is ever left out); every pixel outside it is the input's, bit for bit.
 * Host memory: by default the result is returned whole, an input-size uint8 copy of the video plus its bool
   mask (4 bytes per input pixel per frame on top of the input). With a ``sink`` the finished frames are handed
-  over ``OUTPUT_FLUSH_FRAMES`` at a time, in frame order, and that copy never exists: what stays is the input
-  and the working-size storage (uint8 frames, bool masks, fp16 flows and propagated frames).
+  over ``OUTPUT_FLUSH_FRAMES`` at a time, in frame order, and that copy never exists: what stays is the input,
+  the working-size dilated mask (bool) and the moving window of working-size frames, flows and propagated frames.
 
 Reference behaviour kept on purpose: the working size (ratio 0.6, longer side capped at 960, rounded down to
 a multiple of 8), ProPainter's cross-shaped mask dilation, RAFT in fp32 on consecutive pairs in short clips,
@@ -237,7 +239,7 @@ def get_ref_index(mid: int, neighbor_ids: List[int], length: int, ref_stride: in
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Running one stage chunk by chunk
+# Helpers
 
 
 class _Progress:
@@ -249,37 +251,6 @@ class _Progress:
     def step(self, amount: int) -> None:
         self.done = min(self.total, self.done + amount)
         self.runtime.progress(PROGRESS_STAGE, self.done, self.total)
-
-
-def _run_chunks(
-    length: int,
-    chunk: int,
-    run: Callable[[int, int], None],
-    runtime,
-    what: str,
-    progress: _Progress,
-) -> None:
-    """Call ``run(start, count)`` over ``[0, length)``; on OOM empty the cache and retry with half the chunk."""
-    start = 0
-    chunk = max(1, int(chunk))
-    while start < length:
-        runtime.check_interrupt()
-        count = min(chunk, length - start)
-        out_of_memory = False
-        try:
-            run(start, count)
-        except Exception as exc:  # noqa: BLE001 - only the host's out-of-memory errors are handled, rest re-raised
-            if not runtime.is_oom(exc) or count <= 1:
-                raise
-            out_of_memory = True
-        if out_of_memory:
-            # Outside the except block so the traceback no longer pins the chunk's tensors.
-            runtime.empty_cache()
-            chunk = max(1, count // 2)
-            log.warning("%s: out of memory in %s with %d frames; retrying with %d", STAGE, what, count, chunk)
-            continue
-        start += count
-        progress.step(count)
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -308,124 +279,216 @@ def _to_device_masks(masks: torch.Tensor, device, dtype) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Stages (each works on a CPU video of working-size frames)
+# Stages. A video's working-size frames, flows and propagated frames are computed a chunk at a time, when a later
+# computation first needs them, and dropped once nothing ahead reads them, so host memory follows the chunk and
+# reference-window lengths, not the video length. Chunks sit on the same grid as the reference's whole-video
+# loops (from frame 0, in order), so every network sees exactly the inputs the reference gives it.
 
 
-def _estimate_flows(frames_u8, nets, settings, runtime, progress) -> Tuple[torch.Tensor, torch.Tensor]:
-    """RAFT forward/backward flow of consecutive pairs -> fp16 CPU [n-1,2,h,w] each.
+class _PerFrame:
+    """CPU tensors of one ``shape``/``dtype`` by frame (or flow-pair) index."""
 
-    The reference calls RAFT on clips of ``raft_clip_length`` frames that overlap by one frame; the pairs are
+    def __init__(self, shape: Tuple[int, ...], dtype: torch.dtype):
+        self.items: Dict[int, torch.Tensor] = {}
+        self.shape, self.dtype = tuple(shape), dtype
+
+    def put(self, start: int, values: torch.Tensor) -> None:
+        for k in range(values.shape[0]):
+            # a copy per frame, so dropping frames frees them (a view would pin the whole chunk)
+            self.items[start + k] = values[k].clone()
+
+    def get(self, start: int, stop: int) -> torch.Tensor:
+        return self.pick(range(start, stop))
+
+    def pick(self, ids) -> torch.Tensor:
+        found = [self.items[i] for i in ids]
+        # an empty range is a real case (a one-frame chunk reads no flow pair)
+        return torch.stack(found) if found else torch.empty((0, *self.shape), dtype=self.dtype)
+
+    def drop_below(self, low: int) -> None:
+        for i in [i for i in self.items if i < low]:
+            del self.items[i]
+
+
+class _ChunkCursor:
+    """Runs ``run(start, count)`` over ``[0, length)`` in order, as far as asked; on out-of-memory the cache is
+    emptied and the same start is retried with half the chunk (kept for the rest of the stage)."""
+
+    def __init__(self, length: int, chunk: int, run: Callable[[int, int], None], runtime, what: str,
+                 progress: "_Progress"):
+        self.length, self.chunk, self.run = int(length), max(1, int(chunk)), run
+        self.runtime, self.what, self.progress = runtime, what, progress
+        self.done = 0
+
+    def advance_to(self, target: int) -> None:
+        target = min(int(target), self.length)
+        while self.done < target:
+            self.runtime.check_interrupt()
+            count = min(self.chunk, self.length - self.done)
+            out_of_memory = False
+            try:
+                self.run(self.done, count)
+            except Exception as exc:  # noqa: BLE001 - only the host's out-of-memory errors are handled
+                if not self.runtime.is_oom(exc) or count <= 1:
+                    raise
+                out_of_memory = True
+            if out_of_memory:
+                # Outside the except block so the traceback no longer pins the chunk's tensors.
+                self.runtime.empty_cache()
+                self.chunk = max(1, count // 2)
+                log.warning("%s: out of memory in %s with %d frames; retrying with %d", STAGE, self.what, count,
+                            self.chunk)
+                continue
+            self.done += count
+            self.progress.step(count)
+
+
+class _FlowGuidedVideo:
+    """RAFT flow -> completed flow -> image propagation of one video (the whole clip, or the sample that
+    pre-propagation uses), pulled on demand: ``ensure_propagated(stop)`` makes frames ``[0, stop)`` of
+    ``updated``/``updated_masks`` available, running each stage only as far as that needs.
+
+    ``frames_of(a, b)`` gives working-size uint8 frames ``[b-a,h,w,3]``; ``flow_masks`` is the bool dilated mask
+    ``[n,h,w]`` (flow completion's mask); ``masks_in`` the image mask as a function of the frame range (the flow
+    mask, with pre-propagated frames' masks replaced); ``overrides`` replaces some input frames by already
+    propagated ones (fp16 ``[3,h,w]``).
+
+    Exactness of the in-place flow completion: a chunk's left padding reads flows the previous chunk already
+    completed, but completion only ever sees ``flow * (1 - mask)`` and ``combine_flow`` changes flows only where
+    the mask is 1, so the network input is the same as with the reference's separate output lists. RAFT pairs are
     independent (eval-mode norms), so any clip length gives the same flows, which the OOM retry relies on.
     """
-    n, h, w, _ = frames_u8.shape
-    pairs = n - 1
-    flows_f = torch.empty((pairs, 2, h, w), dtype=torch.float16)
-    flows_b = torch.empty((pairs, 2, h, w), dtype=torch.float16)
-    clip_pairs = settings.raft_clip_length(max(h, w)) - 1
-    # all-pairs correlation volume at 1/8 size in fp32, plus its pyramid (1 + 1/4 + 1/16 + ...)
-    corr_bytes = (h // 8 * (w // 8)) ** 2 * 4 * 4 // 3
 
-    def run(start: int, count: int) -> None:
-        raft = _acquire(nets.raft, torch.float32, count * (corr_bytes + h * w * RAFT_VALUES_PER_PIXEL * 4))
+    def __init__(self, count, size, frames_of, flow_masks, masks_in_of, overrides, nets, settings, dtype, runtime,
+                 progress):
+        self.count, (self.h, self.w) = int(count), size
+        self.frames_of, self.flow_masks, self.masks_in_of = frames_of, flow_masks, masks_in_of
+        self.overrides = overrides
+        self.nets, self.settings, self.dtype, self.runtime = nets, settings, dtype, runtime
+        h, w = size
+        self.frames = _PerFrame((h, w, 3), torch.uint8)  # working-size frames
+        # per pair, completed in place
+        self.flows_f, self.flows_b = _PerFrame((2, h, w), torch.float16), _PerFrame((2, h, w), torch.float16)
+        # in [-1,1]; True = still a hole after propagation
+        self.updated, self.updated_masks = _PerFrame((3, h, w), torch.float16), _PerFrame((h, w), torch.bool)
+        self.loaded = 0
+        pairs = self.count - 1
+        clip_pairs = settings.raft_clip_length(max(self.h, self.w)) - 1
+        self.raft = _ChunkCursor(pairs, clip_pairs, self._raft, runtime, "RAFT flow", progress)
+        self.completion = _ChunkCursor(pairs, settings.subvideo_length, self._complete, runtime, "flow completion",
+                                       progress)
+        self.propagation = _ChunkCursor(self.count, settings.propagation_chunk, self._propagate, runtime,
+                                        "image propagation", progress)
+
+    # -- what the stages read
+    def _load(self, stop: int) -> None:
+        stop = min(int(stop), self.count)
+        if stop > self.loaded:
+            # whole blocks, so resizing runs on batches rather than frame by frame
+            stop = min(self.count, max(stop, self.loaded + OUTPUT_FLUSH_FRAMES))
+            self.frames.put(self.loaded, self.frames_of(self.loaded, stop))
+            self.loaded = stop
+
+    def frames_at(self, ids) -> torch.Tensor:
+        self._load(max(ids) + 1)
+        return self.frames.pick(ids)
+
+    def ensure_propagated(self, stop: int) -> None:
+        self.propagation.advance_to(stop)
+
+    def ensure_completed(self, stop: int) -> None:
+        self.completion.advance_to(stop)
+
+    def needed_from(self) -> int:
+        """First frame/pair index any stage still has to read."""
+        s = self.settings
+        return max(0, min(self.raft.done, self.completion.done - s.flow_completion_padding,
+                          self.propagation.done - s.propagation_padding))
+
+    def drop_below(self, low: int) -> None:
+        low = min(int(low), self.needed_from())
+        for store in (self.frames, self.flows_f, self.flows_b, self.updated, self.updated_masks):
+            store.drop_below(low)
+
+    # -- the stages, one chunk each
+    def _raft(self, start: int, count: int) -> None:
+        h, w = self.h, self.w
+        # all-pairs correlation volume at 1/8 size in fp32, plus its pyramid (1 + 1/4 + 1/16 + ...)
+        corr_bytes = (h // 8 * (w // 8)) ** 2 * 4 * 4 // 3
+        raft = _acquire(self.nets.raft, torch.float32, count * (corr_bytes + h * w * RAFT_VALUES_PER_PIXEL * 4))
         device = next(raft.parameters()).device
-        clip = _to_device_frames(frames_u8[start : start + count + 1], device, torch.float32)[0]
+        self._load(start + count + 1)
+        clip = _to_device_frames(self.frames.get(start, start + count + 1), device, torch.float32)[0]
         with torch.inference_mode():
-            _, forward = raft(clip[:-1], clip[1:], iters=settings.raft_iter, test_mode=True)
-            _, backward = raft(clip[1:], clip[:-1], iters=settings.raft_iter, test_mode=True)
-        flows_f[start : start + count] = forward.to("cpu", torch.float16)
-        flows_b[start : start + count] = backward.to("cpu", torch.float16)
+            _, forward = raft(clip[:-1], clip[1:], iters=self.settings.raft_iter, test_mode=True)
+            _, backward = raft(clip[1:], clip[:-1], iters=self.settings.raft_iter, test_mode=True)
+        self.flows_f.put(start, forward.to("cpu", torch.float16))
+        self.flows_b.put(start, backward.to("cpu", torch.float16))
 
-    _run_chunks(pairs, clip_pairs, run, runtime, "RAFT flow", progress)
-    nets.raft.release()
-    return flows_f, flows_b
-
-
-def _complete_flows(flows_f, flows_b, flow_masks, nets, settings, dtype, runtime, progress) -> None:
-    """Recurrent flow completion in chunks of ``subvideo_length`` flows with padding, written in place.
-
-    In place is exact: a chunk's padding may read flows the previous chunk already completed, but completion
-    only ever sees ``flow * (1 - mask)`` and ``combine_flow`` changes flows only where the mask is 1, so the
-    network input is the same as with the reference's separate output lists.
-    """
-    length = flows_f.shape[0]
-    h, w = flows_f.shape[-2:]
-    pad = settings.flow_completion_padding
-
-    def run(start: int, count: int) -> None:
-        s = max(0, start - pad)
-        e = min(length, start + count + pad)
-        model = _acquire(nets.flow_completion, dtype, (e - s) * h * w * COMPLETION_VALUES_PER_PIXEL * _itemsize(dtype))
+    def _complete(self, start: int, count: int) -> None:
+        h, w, dtype, pad = self.h, self.w, self.dtype, self.settings.flow_completion_padding
+        s, e = max(0, start - pad), min(self.count - 1, start + count + pad)
+        self.raft.advance_to(e)
+        self.runtime.check_interrupt()  # the pull above may have run for a while
+        model = _acquire(self.nets.flow_completion, dtype, (e - s) * h * w * COMPLETION_VALUES_PER_PIXEL * _itemsize(dtype))
         device = next(model.parameters()).device
-        gt = (flows_f[s:e].to(device, dtype).unsqueeze(0), flows_b[s:e].to(device, dtype).unsqueeze(0))
-        masks = _to_device_masks(flow_masks[s : e + 1], device, dtype)
+        gt = (self.flows_f.get(s, e).to(device, dtype).unsqueeze(0), self.flows_b.get(s, e).to(device, dtype).unsqueeze(0))
+        masks = _to_device_masks(self.flow_masks[s : e + 1], device, dtype)
         with torch.inference_mode():
             pred, _ = model.forward_bidirect_flow(gt, masks)
             pred = model.combine_flow(gt, pred, masks)
         head = start - s
-        flows_f[start : start + count] = pred[0][0, head : head + count].to("cpu", torch.float16)
-        flows_b[start : start + count] = pred[1][0, head : head + count].to("cpu", torch.float16)
+        self.flows_f.put(start, pred[0][0, head : head + count].to("cpu", torch.float16))
+        self.flows_b.put(start, pred[1][0, head : head + count].to("cpu", torch.float16))
 
-    _run_chunks(length, settings.subvideo_length, run, runtime, "flow completion", progress)
-    nets.flow_completion.release()
-
-
-def _propagate_images(
-    frames_u8, overrides: Dict[int, torch.Tensor], masks, flows_f, flows_b, nets, settings, dtype, runtime, progress
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Flow-guided image propagation in padded chunks -> (frames fp16 [n,3,h,w] in [-1,1], masks bool [n,h,w]).
-
-    ``overrides`` replaces some input frames by already propagated ones (fp16 [3,h,w]), from pre-propagation.
-    """
-    n, h, w, _ = frames_u8.shape
-    pad = settings.propagation_padding
-    updated = torch.empty((n, 3, h, w), dtype=torch.float16)
-    updated_masks = torch.empty((n, h, w), dtype=torch.bool)
-
-    def run(start: int, count: int) -> None:
-        s = max(0, start - pad)
-        e = min(n, start + count + pad)
-        generator = _acquire(nets.generator, dtype, (e - s) * h * w * PROPAGATION_VALUES_PER_PIXEL * _itemsize(dtype))
+    def _propagate(self, start: int, count: int) -> None:
+        h, w, dtype, pad = self.h, self.w, self.dtype, self.settings.propagation_padding
+        s, e = max(0, start - pad), min(self.count, start + count + pad)
+        self.completion.advance_to(e - 1)
+        self.runtime.check_interrupt()
+        generator = _acquire(self.nets.generator, dtype, (e - s) * h * w * PROPAGATION_VALUES_PER_PIXEL * _itemsize(dtype))
         device = next(generator.parameters()).device
-        frames = _to_device_frames(frames_u8[s:e], device, torch.float32)
+        self._load(e)
+        frames = _to_device_frames(self.frames.get(s, e), device, torch.float32)
         for i in range(s, e):
-            if i in overrides:
-                frames[0, i - s] = overrides[i].to(device, torch.float32)
+            if i in self.overrides:
+                frames[0, i - s] = self.overrides[i].to(device, torch.float32)
         frames = frames.to(dtype)
-        m = _to_device_masks(masks[s:e], device, dtype)
-        flows = (flows_f[s : e - 1].to(device, dtype).unsqueeze(0), flows_b[s : e - 1].to(device, dtype).unsqueeze(0))
+        m = _to_device_masks(self.masks_in_of(s, e), device, dtype)
+        flows = (self.flows_f.get(s, e - 1).to(device, dtype).unsqueeze(0),
+                 self.flows_b.get(s, e - 1).to(device, dtype).unsqueeze(0))
         with torch.inference_mode():
             prop, prop_masks = generator.img_propagation(frames * (1 - m), flows, m, PROPAGATION_INTERPOLATION)
             t = e - s
             result = frames * (1 - m) + prop.reshape(1, t, 3, h, w) * m
         head = start - s
-        updated[start : start + count] = result[0, head : head + count].to("cpu", torch.float16)
-        updated_masks[start : start + count] = prop_masks.reshape(t, h, w)[head : head + count].to("cpu") > 0.5
-
-    _run_chunks(n, settings.propagation_chunk, run, runtime, "image propagation", progress)
-    return updated, updated_masks
+        self.updated.put(start, result[0, head : head + count].to("cpu", torch.float16))
+        self.updated_masks.put(start, prop_masks.reshape(t, h, w)[head : head + count].to("cpu") > 0.5)
 
 
-def _pre_propagate(frames_u8, masks, flow_masks, nets, settings, dtype, runtime, progress) -> Dict[int, torch.Tensor]:
-    """Long videos: propagate a sparse sample of frames first and write the results back (reference rule).
+def _pre_propagate(frames_of, work_masks, size, nets, settings, dtype, runtime, progress):
+    """Long videos: propagate a sparse sample of frames first (reference rule); their results replace those
+    input frames (fp16 [3,h,w]) and image masks (bool [h,w]) for the main propagation.
 
-    Returns the replaced frames by index (fp16 [3,h,w]) and updates ``masks`` in place at those indices.
+    Returns ``(frame overrides, mask overrides)`` by frame index, both empty when the rule does not apply.
     """
-    n = frames_u8.shape[0]
+    n = work_masks.shape[0]
     chunk = settings.propagation_chunk
     if not settings.pre_propagation or n <= chunk:
-        return {}
+        return {}, {}
     sample_rate = n // (chunk // 2)
     index = list(range(0, n, sample_rate))
     log.info("%s: pre-propagating %d sampled frames (every %d-th)", STAGE, len(index), sample_rate)
-    sample_frames = frames_u8[index]
-    sample_masks = masks[index]
-    flows_f, flows_b = _estimate_flows(sample_frames, nets, settings, runtime, progress)
-    _complete_flows(flows_f, flows_b, flow_masks[index], nets, settings, dtype, runtime, progress)
-    updated, updated_masks = _propagate_images(
-        sample_frames, {}, sample_masks, flows_f, flows_b, nets, settings, dtype, runtime, progress
+    sample_frames = torch.cat([frames_of(i, i + 1) for i in index])
+    sample_masks = work_masks[index]
+    sample = _FlowGuidedVideo(
+        len(index), size, lambda a, b: sample_frames[a:b], sample_masks, lambda a, b: sample_masks[a:b], {}, nets,
+        settings, dtype, runtime, progress,
     )
-    masks[index] = updated_masks
-    return {i: updated[k].clone() for k, i in enumerate(index)}
+    sample.ensure_propagated(len(index))
+    updated, updated_masks = sample.updated.get(0, len(index)), sample.updated_masks.get(0, len(index))
+    return ({i: updated[k].clone() for k, i in enumerate(index)},
+            {i: updated_masks[k].clone() for k, i in enumerate(index)})
 
 
 class _OutputWriter:
@@ -464,9 +527,9 @@ class _OutputWriter:
             self._write(ready[k : k + OUTPUT_FLUSH_FRAMES])
 
     def write_range(self, start: int, stop: int, work_frames: torch.Tensor) -> None:
-        """Frames whose working-size result is simply ``work_frames`` (nothing to fill there)."""
+        """Frames ``[start, stop)`` whose working-size result is simply ``work_frames`` (nothing to fill there)."""
         for i in range(start, stop):
-            self.pending[i] = work_frames[i]
+            self.pending[i] = work_frames[i - start]
         self.flush(stop, force=True)
 
     def _write(self, indices: List[int]) -> None:
@@ -496,25 +559,40 @@ class _OutputWriter:
         return PriorResult(frames=self.output, masks=self.out_masks)
 
 
-def _transformer(
-    work_frames, work_masks, masks_in, updated, updated_masks, flows_f, flows_b, writer, nets, settings, dtype,
-    runtime, progress,
-) -> None:
-    """Feature propagation + transformer over neighbour windows, composited into ``writer``."""
-    n, h, w, _ = work_frames.shape
+def _transformer(video: _FlowGuidedVideo, work_masks, masks_in_of, writer, nets, settings, dtype, runtime,
+                 progress) -> None:
+    """Feature propagation + transformer over neighbour windows, composited into ``writer``.
+
+    Each step pulls the propagated frames it reads from ``video``; afterwards everything before the earliest
+    frame a later step or a pending chunk can still read is dropped. For a video longer than
+    ``subvideo_length`` the reference frames stay within ``ref_stride * (ref_num // 2)`` of the step, so what is
+    held does not grow with the video; a shorter video keeps every frame (each step sees all its references).
+    """
+    n, h, w = video.count, video.h, video.w
     stride = settings.neighbor_length // 2
     ref_num = settings.subvideo_length // settings.ref_stride if n > settings.subvideo_length else -1
+    ref_reach = None if ref_num == -1 else settings.ref_stride * (ref_num // 2)
     for f in range(0, n, stride):
         runtime.check_interrupt()
         neighbor_ids = list(range(max(0, f - stride), min(n, f + stride + 1)))
         ref_ids = get_ref_index(f, neighbor_ids, n, settings.ref_stride, ref_num)
         ids = neighbor_ids + ref_ids
         local = len(neighbor_ids)
+        pair_ids = ids[: local - 1]
+        video.ensure_propagated(max(ids) + 1)
+        video.ensure_completed(max(pair_ids, default=-1) + 1)
+        runtime.check_interrupt()
+        inputs = (
+            video.updated.pick(ids),
+            torch.cat([masks_in_of(i, i + 1) for i in ids]),
+            video.updated_masks.pick(ids),
+            (video.flows_f.pick(pair_ids), video.flows_b.pick(pair_ids)),
+        )
         pred = None
         for attempt in range(2):
             out_of_memory = False
             try:
-                pred = _transformer_step(ids, local, updated, masks_in, updated_masks, flows_f, flows_b, nets, dtype)
+                pred = _transformer_step(inputs, local, (h, w), nets, dtype)
             except Exception as exc:  # noqa: BLE001 - only the host's out-of-memory errors are handled
                 # One step cannot be split without changing its result: free the cache, retry once, then give up.
                 if not runtime.is_oom(exc) or attempt == 1:
@@ -525,26 +603,30 @@ def _transformer(
                 log.warning("%s: out of memory in the transformer at frame %d; retrying once", STAGE, f)
                 continue
             break
+        del inputs
         pred = ((pred.to(torch.float32) + 1) / 2 * 255).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
         hole = work_masks[neighbor_ids].unsqueeze(-1)
-        composite = torch.where(hole, pred, work_frames[neighbor_ids])
+        composite = torch.where(hole, pred, video.frames_at(neighbor_ids))
         for k, index in enumerate(neighbor_ids):
             writer.add(index, composite[k])
         # The next step starts at frame f, so everything before f is final.
         writer.flush(f)
         progress.step(1)
+        following = f + stride
+        first_read = 0 if ref_reach is None else following - max(stride, ref_reach)
+        video.drop_below(first_read)  # the writer reads the input and work_masks, never these stores
     writer.flush(n, force=True)
 
 
-def _transformer_step(ids, local, updated, masks_in, updated_masks, flows_f, flows_b, nets, dtype) -> torch.Tensor:
-    h, w = updated.shape[-2:]
-    generator = _acquire(nets.generator, dtype, len(ids) * h * w * TRANSFORMER_VALUES_PER_PIXEL * _itemsize(dtype))
+def _transformer_step(inputs, local, size, nets, dtype) -> torch.Tensor:
+    updated, masks_in, updated_masks, flows = inputs
+    h, w = size
+    generator = _acquire(nets.generator, dtype, updated.shape[0] * h * w * TRANSFORMER_VALUES_PER_PIXEL * _itemsize(dtype))
     device = next(generator.parameters()).device
-    pair_ids = ids[: local - 1]
-    frames = updated[ids].to(device, dtype).unsqueeze(0)
-    m_in = _to_device_masks(masks_in[ids], device, dtype)
-    m_up = _to_device_masks(updated_masks[ids], device, dtype)
-    flows = (flows_f[pair_ids].to(device, dtype).unsqueeze(0), flows_b[pair_ids].to(device, dtype).unsqueeze(0))
+    frames = updated.to(device, dtype).unsqueeze(0)
+    m_in = _to_device_masks(masks_in, device, dtype)
+    m_up = _to_device_masks(updated_masks, device, dtype)
+    flows = (flows[0].to(device, dtype).unsqueeze(0), flows[1].to(device, dtype).unsqueeze(0))
     with torch.inference_mode():
         out = generator(frames, flows, m_in, m_up, local)
     return out.reshape(local, 3, h, w).to("cpu")
@@ -637,13 +719,52 @@ def run_propainter_prior(
         return PriorResult(frames=None, masks=None)
 
     dtype = settings.compute_dtype or runtime.dtype
-    work_frames = resize_frames(frames, (h, w), mode="bicubic")
+
+    def frames_of(start: int, stop: int) -> torch.Tensor:
+        # resized when first needed: the working-size video is never held whole
+        return resize_frames(frames[start:stop], (h, w), mode="bicubic")
+
+    # the one whole-video tensor at the working size (bool, 1 byte a pixel): every stage reads it
     work_masks = dilate_cross(resize_masks_nearest(masks, (h, w)), settings.mask_dilation)
     writer = _OutputWriter(frames, masks, work_masks, sink)
     if not bool(work_masks.any()):
         log.info("%s: the mask vanishes at the working size %dx%d; nothing for the networks to fill", STAGE, w, h)
-        writer.write_range(0, count, work_frames)
+        for start in range(0, count, OUTPUT_FLUSH_FRAMES):
+            stop = min(start + OUTPUT_FLUSH_FRAMES, count)
+            writer.write_range(start, stop, frames_of(start, stop))
         return writer.finish()
+
+    # progress units: RAFT pairs + completed flows + propagated frames (+ the same for pre-propagation) + steps
+    chunk = settings.propagation_chunk
+    total = 3 * count - 2 + len(range(0, count, settings.neighbor_length // 2))
+    if settings.pre_propagation and count > chunk:
+        total += 3 * len(range(0, count, count // (chunk // 2))) - 2
+    progress = _Progress(runtime, total)
+    log.info("%s: %d frames at %dx%d (input %dx%d), %s", STAGE, count, w, h, width, height, dtype)
+
+    try:
+        frame_overrides, mask_overrides = _pre_propagate(
+            frames_of, work_masks, (h, w), nets, settings, dtype, runtime, progress
+        )
+
+        def masks_in_of(start: int, stop: int) -> torch.Tensor:
+            # the image mask: the flow mask, except where pre-propagation already filled frames
+            part = work_masks[start:stop]
+            replaced = [i for i in mask_overrides if start <= i < stop]
+            if replaced:
+                part = part.clone()
+                for i in replaced:
+                    part[i - start] = mask_overrides[i]
+            return part
+
+        video = _FlowGuidedVideo(count, (h, w), frames_of, work_masks, masks_in_of, frame_overrides, nets,
+                                 settings, dtype, runtime, progress)
+        _transformer(video, work_masks, masks_in_of, writer, nets, settings, dtype, runtime, progress)
+    finally:
+        # Also after a cancel or an error, so the host can offload the networks.
+        for handle in (nets.raft, nets.flow_completion, nets.generator):
+            handle.release()
+    return writer.finish()
 
     # progress units: RAFT pairs + completed flows + propagated frames (+ the same for pre-propagation) + steps
     chunk = settings.propagation_chunk

@@ -90,3 +90,13 @@ def test_run_reports_host_ram_against_the_target_and_the_techniques(bench, tmp_p
     assert 0 < result["peak_anon_rss_gib"] <= result["peak_rss_gib"]
     assert result["host_ram_target_gib"] == pytest.approx(result["input_video_gib"] + 3e9 / 2 ** 30, abs=1e-3)
     assert result["stage_seconds"]["encode"] > 0 and result["stage_seconds"]["prior"] > 0
+
+
+def test_host_memory_bench_runs_the_production_data_path(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_host_memory", RUNNER.parent / "host_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.measure(96, 64, 5, 2)
+    assert result["frames"] == 5 and result["resolution"] == "96x64"
+    assert result["anon_peak_gb"] >= result["anon_before_run_gb"] > 0
+    assert result["host_ram_target_gb"] == pytest.approx(result["input_video_gb"] + 3, abs=1e-3)

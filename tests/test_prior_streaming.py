@@ -273,3 +273,48 @@ def test_remove_objects_streams_the_prior_and_gives_the_same_frames(tiny_nets, m
     former = run_pipeline(tiny_nets, frames, masks, TrackingRuntime(), prior=dict(neighbor_length=6))
     assert len(latents) == 2 and torch.equal(latents[0], latents[1])
     assert torch.equal(streamed, former)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The working-size stages pulled on demand: same frames as the whole-video loops, memory bounded by the windows
+
+
+def _resident_peak(monkeypatch, count, settings):
+    """Most working-size frames/pairs held at once by any per-frame store during one prior run."""
+    from diffueraser_core import prior_propainter
+
+    peak = {"items": 0}
+    put = prior_propainter._PerFrame.put
+
+    def tracking_put(self, start, values):
+        put(self, start, values)
+        peak["items"] = max(peak["items"], len(self.items))
+
+    monkeypatch.setattr(prior_propainter._PerFrame, "put", tracking_put)
+    frames, masks = make_clip(count, 64, 64)
+    runtime = StandaloneRuntime(device="cpu")
+    run_propainter_prior(frames, masks, fake_nets(runtime), settings, runtime, sink=lambda *a: None)
+    monkeypatch.setattr(prior_propainter._PerFrame, "put", put)
+    return peak["items"]
+
+
+def test_long_clip_pulled_stage_by_stage_equals_the_whole_video_loops():
+    from test_prior_propainter import whole_video_reference
+
+    # 61 frames, subvideo_length 8: many completion/propagation chunks, pre-propagation of every 15th frame,
+    # reference frames within 8 of each step, so frames are dropped all along the run
+    runtime = StandaloneRuntime(device="cpu")
+    nets = fake_nets(runtime)
+    frames, masks = make_clip(61, 64, 64, seed=3)
+    settings = ProPainterSettings(resize_ratio=1.0, subvideo_length=8, ref_stride=2, neighbor_length=4, raft_iter=3)
+    expected = whole_video_reference(frames, masks, nets, settings)
+    assert torch.equal(run_propainter_prior(frames, masks, nets, settings, runtime).frames, expected)
+
+
+def test_frames_held_at_the_working_size_do_not_grow_with_the_video(monkeypatch):
+    settings = ProPainterSettings(resize_ratio=1.0, subvideo_length=8, ref_stride=2, neighbor_length=4, raft_iter=1)
+    short, long = _resident_peak(monkeypatch, 90, settings), _resident_peak(monkeypatch, 270, settings)
+    # what is held: from the earliest frame a later step reads to what the chunked stages ran ahead
+    assert short == long < 60, (short, long)
+    # a clip no longer than subvideo_length refers to all its frames at every step: everything stays
+    assert _resident_peak(monkeypatch, 8, settings) == 8
