@@ -43,6 +43,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from .allocator import return_free_memory
 from .errors import InputError
 from .masks import dilate_cross, resize_masks_nearest
 from .video import resize_frames
@@ -286,28 +287,49 @@ def _to_device_masks(masks: torch.Tensor, device, dtype) -> torch.Tensor:
 
 
 class _PerFrame:
-    """CPU tensors of one ``shape``/``dtype`` by frame (or flow-pair) index."""
+    """CPU tensors of one ``shape``/``dtype`` by frame (or flow-pair) index, appended in order a chunk at a time.
+
+    Kept as the chunks that produced them and dropped a whole chunk at a time: a few large allocations the
+    allocator returns to the system, where per-frame tensors would leave the host heap fragmented and resident.
+    """
 
     def __init__(self, shape: Tuple[int, ...], dtype: torch.dtype):
-        self.items: Dict[int, torch.Tensor] = {}
         self.shape, self.dtype = tuple(shape), dtype
+        self.starts: List[int] = []
+        self.chunks: List[torch.Tensor] = []
+
+    @property
+    def stop(self) -> int:
+        return self.starts[-1] + self.chunks[-1].shape[0] if self.chunks else 0
 
     def put(self, start: int, values: torch.Tensor) -> None:
-        for k in range(values.shape[0]):
-            # a copy per frame, so dropping frames frees them (a view would pin the whole chunk)
-            self.items[start + k] = values[k].clone()
+        if self.chunks and start != self.stop:
+            raise RuntimeError(f"{STAGE}: internal error, chunk at {start} does not follow {self.stop}")
+        self.starts.append(int(start))
+        self.chunks.append(values.clone())  # its own storage: a view would pin the device result's copy
 
     def get(self, start: int, stop: int) -> torch.Tensor:
         return self.pick(range(start, stop))
 
     def pick(self, ids) -> torch.Tensor:
-        found = [self.items[i] for i in ids]
+        import bisect
+
+        found = []
+        for i in ids:
+            k = bisect.bisect_right(self.starts, i) - 1
+            if k < 0 or i >= self.starts[k] + self.chunks[k].shape[0]:
+                raise RuntimeError(f"{STAGE}: internal error, frame {i} is not held (held from {self.starts[:1]})")
+            found.append(self.chunks[k][i - self.starts[k]])
         # an empty range is a real case (a one-frame chunk reads no flow pair)
         return torch.stack(found) if found else torch.empty((0, *self.shape), dtype=self.dtype)
 
-    def drop_below(self, low: int) -> None:
-        for i in [i for i in self.items if i < low]:
-            del self.items[i]
+    def drop_below(self, low: int) -> bool:
+        dropped = False
+        while self.chunks and self.starts[0] + self.chunks[0].shape[0] <= low:
+            self.starts.pop(0)
+            self.chunks.pop(0)
+            dropped = True
+        return dropped
 
 
 class _ChunkCursor:
@@ -353,10 +375,9 @@ class _FlowGuidedVideo:
     mask, with pre-propagated frames' masks replaced); ``overrides`` replaces some input frames by already
     propagated ones (fp16 ``[3,h,w]``).
 
-    Exactness of the in-place flow completion: a chunk's left padding reads flows the previous chunk already
-    completed, but completion only ever sees ``flow * (1 - mask)`` and ``combine_flow`` changes flows only where
-    the mask is 1, so the network input is the same as with the reference's separate output lists. RAFT pairs are
-    independent (eval-mode norms), so any clip length gives the same flows, which the OOM retry relies on.
+    Flow completion reads RAFT's flows, padding included, and writes the completed ones apart, as the reference's
+    separate output lists. RAFT pairs are independent (eval-mode norms), so any clip length gives the same flows,
+    which the OOM retry relies on.
     """
 
     def __init__(self, count, size, frames_of, flow_masks, masks_in_of, overrides, nets, settings, dtype, runtime,
@@ -366,12 +387,11 @@ class _FlowGuidedVideo:
         self.overrides = overrides
         self.nets, self.settings, self.dtype, self.runtime = nets, settings, dtype, runtime
         h, w = size
-        self.frames = _PerFrame((h, w, 3), torch.uint8)  # working-size frames
-        # per pair, completed in place
+        # per pair: RAFT's, and the completed ones
+        self.raw_f, self.raw_b = _PerFrame((2, h, w), torch.float16), _PerFrame((2, h, w), torch.float16)
         self.flows_f, self.flows_b = _PerFrame((2, h, w), torch.float16), _PerFrame((2, h, w), torch.float16)
         # in [-1,1]; True = still a hole after propagation
         self.updated, self.updated_masks = _PerFrame((3, h, w), torch.float16), _PerFrame((h, w), torch.bool)
-        self.loaded = 0
         pairs = self.count - 1
         clip_pairs = settings.raft_clip_length(max(self.h, self.w)) - 1
         self.raft = _ChunkCursor(pairs, clip_pairs, self._raft, runtime, "RAFT flow", progress)
@@ -381,17 +401,13 @@ class _FlowGuidedVideo:
                                         "image propagation", progress)
 
     # -- what the stages read
-    def _load(self, stop: int) -> None:
-        stop = min(int(stop), self.count)
-        if stop > self.loaded:
-            # whole blocks, so resizing runs on batches rather than frame by frame
-            stop = min(self.count, max(stop, self.loaded + OUTPUT_FLUSH_FRAMES))
-            self.frames.put(self.loaded, self.frames_of(self.loaded, stop))
-            self.loaded = stop
-
     def frames_at(self, ids) -> torch.Tensor:
-        self._load(max(ids) + 1)
-        return self.frames.pick(ids)
+        # Working-size frames are made again whenever read (a per-frame resize: same values every time) rather
+        # than kept: RAFT runs up to a completion chunk ahead of propagation, so keeping them would hold that span.
+        ids = list(ids)
+        if ids == list(range(ids[0], ids[-1] + 1)):
+            return self.frames_of(ids[0], ids[-1] + 1)
+        return torch.cat([self.frames_of(i, i + 1) for i in ids])
 
     def ensure_propagated(self, stop: int) -> None:
         self.propagation.advance_to(stop)
@@ -399,16 +415,21 @@ class _FlowGuidedVideo:
     def ensure_completed(self, stop: int) -> None:
         self.completion.advance_to(stop)
 
-    def needed_from(self) -> int:
-        """First frame/pair index any stage still has to read."""
+    def drop_read(self, first_frame: int, first_pair: int) -> None:
+        """Drop what no stage will read again: later transformer steps read propagated frames from
+        ``first_frame`` and completed flows from ``first_pair`` on; the stages' own next chunks read their
+        padding. Each store has its own readers, hence its own limit."""
         s = self.settings
-        return max(0, min(self.raft.done, self.completion.done - s.flow_completion_padding,
-                          self.propagation.done - s.propagation_padding))
-
-    def drop_below(self, low: int) -> None:
-        low = min(int(low), self.needed_from())
-        for store in (self.frames, self.flows_f, self.flows_b, self.updated, self.updated_masks):
-            store.drop_below(low)
+        next_propagation = self.propagation.done - s.propagation_padding
+        dropped = [
+            store.drop_below(self.completion.done - s.flow_completion_padding) for store in (self.raw_f, self.raw_b)
+        ] + [
+            store.drop_below(min(first_pair, next_propagation)) for store in (self.flows_f, self.flows_b)
+        ] + [
+            store.drop_below(first_frame) for store in (self.updated, self.updated_masks)
+        ]
+        if any(dropped):
+            return_free_memory()  # see allocator.py: freed chunks would otherwise stay resident
 
     # -- the stages, one chunk each
     def _raft(self, start: int, count: int) -> None:
@@ -417,13 +438,12 @@ class _FlowGuidedVideo:
         corr_bytes = (h // 8 * (w // 8)) ** 2 * 4 * 4 // 3
         raft = _acquire(self.nets.raft, torch.float32, count * (corr_bytes + h * w * RAFT_VALUES_PER_PIXEL * 4))
         device = next(raft.parameters()).device
-        self._load(start + count + 1)
-        clip = _to_device_frames(self.frames.get(start, start + count + 1), device, torch.float32)[0]
+        clip = _to_device_frames(self.frames_of(start, start + count + 1), device, torch.float32)[0]
         with torch.inference_mode():
             _, forward = raft(clip[:-1], clip[1:], iters=self.settings.raft_iter, test_mode=True)
             _, backward = raft(clip[1:], clip[:-1], iters=self.settings.raft_iter, test_mode=True)
-        self.flows_f.put(start, forward.to("cpu", torch.float16))
-        self.flows_b.put(start, backward.to("cpu", torch.float16))
+        self.raw_f.put(start, forward.to("cpu", torch.float16))
+        self.raw_b.put(start, backward.to("cpu", torch.float16))
 
     def _complete(self, start: int, count: int) -> None:
         h, w, dtype, pad = self.h, self.w, self.dtype, self.settings.flow_completion_padding
@@ -432,7 +452,7 @@ class _FlowGuidedVideo:
         self.runtime.check_interrupt()  # the pull above may have run for a while
         model = _acquire(self.nets.flow_completion, dtype, (e - s) * h * w * COMPLETION_VALUES_PER_PIXEL * _itemsize(dtype))
         device = next(model.parameters()).device
-        gt = (self.flows_f.get(s, e).to(device, dtype).unsqueeze(0), self.flows_b.get(s, e).to(device, dtype).unsqueeze(0))
+        gt = (self.raw_f.get(s, e).to(device, dtype).unsqueeze(0), self.raw_b.get(s, e).to(device, dtype).unsqueeze(0))
         masks = _to_device_masks(self.flow_masks[s : e + 1], device, dtype)
         with torch.inference_mode():
             pred, _ = model.forward_bidirect_flow(gt, masks)
@@ -448,8 +468,7 @@ class _FlowGuidedVideo:
         self.runtime.check_interrupt()
         generator = _acquire(self.nets.generator, dtype, (e - s) * h * w * PROPAGATION_VALUES_PER_PIXEL * _itemsize(dtype))
         device = next(generator.parameters()).device
-        self._load(e)
-        frames = _to_device_frames(self.frames.get(s, e), device, torch.float32)
+        frames = _to_device_frames(self.frames_of(s, e), device, torch.float32)
         for i in range(s, e):
             if i in self.overrides:
                 frames[0, i - s] = self.overrides[i].to(device, torch.float32)
@@ -613,8 +632,9 @@ def _transformer(video: _FlowGuidedVideo, work_masks, masks_in_of, writer, nets,
         writer.flush(f)
         progress.step(1)
         following = f + stride
-        first_read = 0 if ref_reach is None else following - max(stride, ref_reach)
-        video.drop_below(first_read)  # the writer reads the input and work_masks, never these stores
+        # the writer reads the input and work_masks, never these stores
+        video.drop_read(first_frame=0 if ref_reach is None else following - max(stride, ref_reach),
+                        first_pair=following - stride)
     writer.flush(n, force=True)
 
 
