@@ -297,14 +297,12 @@ class _PerFrame:
         self.shape, self.dtype = tuple(shape), dtype
         self.starts: List[int] = []
         self.chunks: List[torch.Tensor] = []
-
-    @property
-    def stop(self) -> int:
-        return self.starts[-1] + self.chunks[-1].shape[0] if self.chunks else 0
+        self.stop = 0  # end of everything put so far, dropped or not
 
     def put(self, start: int, values: torch.Tensor) -> None:
-        if self.chunks and start != self.stop:
+        if start != self.stop:
             raise RuntimeError(f"{STAGE}: internal error, chunk at {start} does not follow {self.stop}")
+        self.stop = int(start) + int(values.shape[0])
         self.starts.append(int(start))
         self.chunks.append(values.clone())  # its own storage: a view would pin the device result's copy
 
@@ -390,6 +388,7 @@ class _FlowGuidedVideo:
         # per pair: RAFT's, and the completed ones
         self.raw_f, self.raw_b = _PerFrame((2, h, w), torch.float16), _PerFrame((2, h, w), torch.float16)
         self.flows_f, self.flows_b = _PerFrame((2, h, w), torch.float16), _PerFrame((2, h, w), torch.float16)
+        self.frames = _PerFrame((h, w, 3), torch.uint8)  # working-size frames, resized once
         # in [-1,1]; True = still a hole after propagation
         self.updated, self.updated_masks = _PerFrame((3, h, w), torch.float16), _PerFrame((h, w), torch.bool)
         pairs = self.count - 1
@@ -402,12 +401,14 @@ class _FlowGuidedVideo:
 
     # -- what the stages read
     def frames_at(self, ids) -> torch.Tensor:
-        # Working-size frames are made again whenever read (a per-frame resize: same values every time) rather
-        # than kept: RAFT runs up to a completion chunk ahead of propagation, so keeping them would hold that span.
         ids = list(ids)
-        if ids == list(range(ids[0], ids[-1] + 1)):
-            return self.frames_of(ids[0], ids[-1] + 1)
-        return torch.cat([self.frames_of(i, i + 1) for i in ids])
+        stop = max(ids) + 1
+        if stop > self.frames.stop:
+            # whole blocks, so resizing runs on batches; kept until propagation and the transformer are past
+            # them, since re-making them (a bicubic resize) for every reader costs more than holding them
+            stop = min(self.count, max(stop, self.frames.stop + OUTPUT_FLUSH_FRAMES))
+            self.frames.put(self.frames.stop, self.frames_of(self.frames.stop, stop))
+        return self.frames.pick(ids)
 
     def ensure_propagated(self, stop: int) -> None:
         self.propagation.advance_to(stop)
@@ -422,6 +423,8 @@ class _FlowGuidedVideo:
         s = self.settings
         next_propagation = self.propagation.done - s.propagation_padding
         dropped = [
+            self.frames.drop_below(min(self.raft.done, next_propagation, first_pair)),
+        ] + [
             store.drop_below(self.completion.done - s.flow_completion_padding) for store in (self.raw_f, self.raw_b)
         ] + [
             store.drop_below(min(first_pair, next_propagation)) for store in (self.flows_f, self.flows_b)
@@ -438,7 +441,7 @@ class _FlowGuidedVideo:
         corr_bytes = (h // 8 * (w // 8)) ** 2 * 4 * 4 // 3
         raft = _acquire(self.nets.raft, torch.float32, count * (corr_bytes + h * w * RAFT_VALUES_PER_PIXEL * 4))
         device = next(raft.parameters()).device
-        clip = _to_device_frames(self.frames_of(start, start + count + 1), device, torch.float32)[0]
+        clip = _to_device_frames(self.frames_at(range(start, start + count + 1)), device, torch.float32)[0]
         with torch.inference_mode():
             _, forward = raft(clip[:-1], clip[1:], iters=self.settings.raft_iter, test_mode=True)
             _, backward = raft(clip[1:], clip[:-1], iters=self.settings.raft_iter, test_mode=True)
@@ -468,7 +471,7 @@ class _FlowGuidedVideo:
         self.runtime.check_interrupt()
         generator = _acquire(self.nets.generator, dtype, (e - s) * h * w * PROPAGATION_VALUES_PER_PIXEL * _itemsize(dtype))
         device = next(generator.parameters()).device
-        frames = _to_device_frames(self.frames_of(s, e), device, torch.float32)
+        frames = _to_device_frames(self.frames_at(range(s, e)), device, torch.float32)
         for i in range(s, e):
             if i in self.overrides:
                 frames[0, i - s] = self.overrides[i].to(device, torch.float32)
