@@ -30,15 +30,17 @@ if REPO not in sys.path:
 
 import torch  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from run import anon_rss_bytes  # noqa: E402  (bench/run.py)
+
 GB = 1e9
 
 
 def anon_rss() -> int:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("host_memory: /proc/self/status has no RssAnon (Linux only)")
+    value = anon_rss_bytes()
+    if value is None:
+        raise RuntimeError("host_memory: /proc/self/status has no RssAnon (Linux only)")
+    return value
 
 
 class PeakSampler:

@@ -136,8 +136,11 @@ class StandaloneRuntime:
         if self.device.type != "cuda":
             return None
         free, _total = torch.cuda.mem_get_info(self.device)
+        allocated = torch.cuda.memory_allocated(self.device)
+        # blocks torch's caching allocator holds but no tensor uses are free for the next request too
+        free += torch.cuda.memory_reserved(self.device) - allocated
         if self.vram_budget is not None:
-            free = min(free, int(self.vram_budget) - torch.cuda.memory_reserved(self.device))
+            free = min(free, int(self.vram_budget) - allocated)
         return int(free)
 
     def placement_device(self, nbytes: int) -> torch.device:
@@ -146,7 +149,7 @@ class StandaloneRuntime:
         free = self.free_device_memory()
         if free is not None and free >= nbytes + RESIDENCY_MARGIN_BYTES:
             return self.device
-        return self.offload_device if self.device.type != "cpu" else self.device
+        return self.offload_device
 
     def offload_released(self, keep: Optional[ModelHandle] = None, needed: int = 0) -> None:
         """Make room for ``needed`` bytes by moving released networks (oldest release first) to the offload
