@@ -36,6 +36,7 @@ a 1-frame video runs as the frame repeated twice (the reference cannot compute f
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 from dataclasses import dataclass
@@ -310,8 +311,6 @@ class _PerFrame:
         return self.pick(range(start, stop))
 
     def pick(self, ids) -> torch.Tensor:
-        import bisect
-
         found = []
         for i in ids:
             k = bisect.bisect_right(self.starts, i) - 1
@@ -783,33 +782,6 @@ def run_propainter_prior(
         video = _FlowGuidedVideo(count, (h, w), frames_of, work_masks, masks_in_of, frame_overrides, nets,
                                  settings, dtype, runtime, progress)
         _transformer(video, work_masks, masks_in_of, writer, nets, settings, dtype, runtime, progress)
-    finally:
-        # Also after a cancel or an error, so the host can offload the networks.
-        for handle in (nets.raft, nets.flow_completion, nets.generator):
-            handle.release()
-    return writer.finish()
-
-    # progress units: RAFT pairs + completed flows + propagated frames (+ the same for pre-propagation) + steps
-    chunk = settings.propagation_chunk
-    total = 3 * count - 2 + len(range(0, count, settings.neighbor_length // 2))
-    if settings.pre_propagation and count > chunk:
-        total += 3 * len(range(0, count, count // (chunk // 2))) - 2
-    progress = _Progress(runtime, total)
-    log.info("%s: %d frames at %dx%d (input %dx%d), %s", STAGE, count, w, h, width, height, dtype)
-
-    try:
-        flows_f, flows_b = _estimate_flows(work_frames, nets, settings, runtime, progress)
-        _complete_flows(flows_f, flows_b, work_masks, nets, settings, dtype, runtime, progress)
-        masks_in = work_masks.clone()
-        overrides = _pre_propagate(work_frames, masks_in, work_masks, nets, settings, dtype, runtime, progress)
-        updated, updated_masks = _propagate_images(
-            work_frames, overrides, masks_in, flows_f, flows_b, nets, settings, dtype, runtime, progress
-        )
-        del overrides
-        _transformer(
-            work_frames, work_masks, masks_in, updated, updated_masks, flows_f, flows_b, writer, nets, settings,
-            dtype, runtime, progress,
-        )
     finally:
         # Also after a cancel or an error, so the host can offload the networks.
         for handle in (nets.raft, nets.flow_completion, nets.generator):

@@ -23,15 +23,6 @@ PAIRS = pairs_down(tcd_timesteps(2))  # two steps: both window lists are used
 UNEQUAL = [(0, 8), (6, 14), (12, 20), (18, 24), (22, 28), (26, 30)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny networks are dominated by thread synchronisation: one intra-op thread runs them fastest.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def nets():
     return build_unet_main(seed=1), build_brushnet(seed=2)
