@@ -5,8 +5,8 @@ glibc serves those from mmap at first, but every free of such a block raises its
 same sizes come from the heap, where freed chunks interleaved with live ones stay resident: measured at 320x192,
 the ProPainter prior's private memory climbed by ~100 MB per propagation chunk although what it held was bounded.
 ``return_free_memory`` hands free heap pages back (``malloc_trim``); the prior calls it whenever it drops a chunk.
-Measured (320x192, stand-in networks, bench/host_memory.py): the run's extra private memory went from 0.40 GB at
-300 frames to 0.44 GB at 600 with it. Pinning the mmap threshold (``mallopt``) instead halved that growth but
+Measured (320x192, stand-in networks, bench/host_memory.py): the run's extra private memory went from 0.42 GB at
+300 frames to 0.49 GB at 600 with it. Pinning the mmap threshold (``mallopt``) instead halved that growth but
 cost minutes of system time in page faults on a CPU run, so it is not used.
 """
 
