@@ -1,7 +1,7 @@
 """Keyframes across the whole video, denoised first and written back before the main pass (reference section 6).
 
 For a video longer than two windows (N > 2 * 22, quirk 6), one window made of the keyframes
-``floor(i * N / L)`` (i = 0..L-1) is sampled first, starting from the prior latents of those frames noised with the
+``int(i * (N / L))`` (i = 0..L-1, in floating point, dividing first, as the reference) is sampled first, starting from the prior latents of those frames noised with the
 same window noise (noise row i for keyframe i). Their results then act as fully known BrushNet conditioning in the
 main pass: for each keyframe the prior latent becomes the result, the mask becomes all known and the masked image
 becomes the decoded result (so its conditioning latent is the encode of that decode). The main pass re-noises the
@@ -47,8 +47,14 @@ def should_pre_infer(num_frames: int, window_length: int, start: StartLatents, e
 
 
 def keyframe_indices(num_frames: int, window_length: int) -> torch.Tensor:
-    """``floor(i * N / L)`` for i = 0..L-1 (int64), as the reference."""
-    return torch.tensor([i * num_frames // window_length for i in range(window_length)], dtype=torch.long)
+    """``int(i * (N / L))`` for i = 0..L-1 (int64), as the reference computes it.
+
+    The reference divides first, in double precision (``step = N / L``, then ``int(i * step)``). The rounding of
+    ``N / L`` makes that one frame lower than the exact ``floor(i * N / L)`` for some lengths (N = 60, 120, 240,
+    480, ...: about 2% of lengths); the keyframes pick the frames the reference picks.
+    """
+    step = num_frames / window_length
+    return torch.tensor([int(i * step) for i in range(window_length)], dtype=torch.long)
 
 
 @dataclass

@@ -197,6 +197,33 @@ def test_pre_inference_rule_and_keyframes():
     assert keyframe_indices(50, 22)[-1] == 47
 
 
+def _reference_keyframes(num, length=22):
+    # the reference's sample_index: step = n_total_frames / nframes; [int(i * step) for i in range(nframes)]
+    step = num / length
+    return [int(i * step) for i in range(length)][:22]
+
+
+@pytest.mark.parametrize("num", [60, 120, 240, 480])
+def test_keyframes_divide_first_as_the_reference(num):
+    # lengths where dividing first lands one frame below the exact floor(i * N / 22)
+    got = keyframe_indices(num, 22).tolist()
+    assert got == _reference_keyframes(num)
+    exact = [i * num // 22 for i in range(22)]
+    lower = [i for i in range(22) if got[i] != exact[i]]
+    assert lower and all(exact[i] - got[i] == 1 for i in lower)
+
+
+def test_keyframes_match_the_reference_formula_on_a_sweep():
+    differing = 0
+    for num in range(45, 3001):
+        got = keyframe_indices(num, 22).tolist()
+        assert got == _reference_keyframes(num), num
+        assert got[0] == 0 and got[-1] < num and got == sorted(set(got))
+        differing += got != [i * num // 22 for i in range(22)]
+    assert 40 < differing < 100  # about 2% of lengths differ from the exact floor
+    assert keyframe_indices(13, 4).tolist() == [int(i * (13 / 4)) for i in range(4)]
+
+
 def test_pre_inference_writes_keyframes_back(nets):
     rec = Recorder()
     runtime = make_runtime(progress_callback=rec)
