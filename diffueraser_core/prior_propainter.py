@@ -206,13 +206,17 @@ def load_propainter_nets(folder, runtime, raft_path=None, flow_completion_path=N
 def working_size(height: int, width: int, settings: ProPainterSettings) -> Tuple[int, int]:
     """The reference's processing size ``(h, w)``: ratio (reduced so the longer side <= max_side), int(), /8 down.
 
+    The reduced ratio is ``resize_ratio * (max_side / longer)`` in double precision, in that order, as the
+    reference: ``0.6 * 960 / longer`` rounds differently and moves the grid by 8 pixels for ~18% of sizes above
+    960 (1280x960 -> 576x424 in the reference, 576x432 the other way).
+
     Documented fallback: when that would make the shorter side smaller than RAFT's 64-pixel minimum (small
     clips at ratio 0.6), the ratio is raised just enough to keep 64 pixels, up to the input size itself.
     """
     ratio = settings.resize_ratio
     longer, shorter = max(height, width), min(height, width)
     if longer > settings.max_side:
-        ratio = ratio * settings.max_side / longer
+        ratio = ratio * (settings.max_side / longer)
     if ratio * shorter < MIN_WORKING_SIDE <= shorter:
         ratio = min(1.0, (MIN_WORKING_SIDE + 0.5) / shorter)
     if ratio != 1.0:

@@ -387,7 +387,7 @@ def test_bad_inputs_are_input_errors():
 
 def test_working_size_follows_the_reference():
     s = ProPainterSettings()
-    assert working_size(720, 1280, s) == (320, 576)  # ratio 0.6*960/1280 = 0.45 -> 324x576 -> /8
+    assert working_size(720, 1280, s) == (320, 576)  # ratio 0.6*(960/1280) ~ 0.45 -> 323x575 -> /8
     assert working_size(240, 432, s) == (144, 256)  # 0.6 -> 144x259 -> /8
     assert working_size(480, 640, ProPainterSettings(resize_ratio=1.0)) == (480, 640)
     # documented fallback: a ratio that would fall under RAFT's 64 pixels is raised just enough
@@ -395,6 +395,55 @@ def test_working_size_follows_the_reference():
     assert working_size(96, 160, s) == (64, 104)  # 0.6 would give 56x96
     assert s.raft_clip_length(640) == 12 and s.raft_clip_length(720) == 8
     assert s.raft_clip_length(1280) == 4 and s.raft_clip_length(1281) == 2
+
+
+def _reference_working_size(height, width, resize_ratio=0.6, max_side=960):
+    # DiffuEraser's propainter/inference.py, re-stated: scale = MaxSideThresh / longer_edge; resize_ratio *= scale;
+    # size = int(resize_ratio * w), int(resize_ratio * h); then each side rounded down to a multiple of 8
+    longer = max(height, width)
+    if longer > max_side:
+        scale = max_side / longer
+        resize_ratio = resize_ratio * scale
+    if resize_ratio != 1.0:
+        height, width = int(resize_ratio * height), int(resize_ratio * width)
+    return height - height % 8, width - width % 8
+
+
+@pytest.mark.parametrize(
+    "width, height, expected_w, expected_h",
+    [
+        (1280, 960, 576, 424),  # 0.6 * 960 / 1280 would give 576x432
+        (1440, 1080, 576, 424),
+        (1280, 800, 576, 352),  # not 360
+        (1440, 900, 576, 352),
+        (2704, 1520, 568, 320),  # not 576 wide
+        (1920, 1080, 576, 320),
+        (1280, 720, 576, 320),
+    ],
+)
+def test_working_size_float_order_as_the_reference(width, height, expected_w, expected_h):
+    s = ProPainterSettings()
+    assert working_size(height, width, s) == (expected_h, expected_w)
+    assert working_size(width, height, s) == (expected_w, expected_h)  # portrait
+
+
+def test_working_size_sweep_matches_the_reference_formula():
+    s = ProPainterSettings()
+    moved = checked = 0
+    for width in range(968, 4097, 8):
+        for height in range(max(128, width // 3), width + 1, 24):
+            got = working_size(height, width, s)
+            assert got == _reference_working_size(height, width), (width, height)
+            checked += 1
+            h2, w2 = int(0.6 * 960 / width * height), int(0.6 * 960 / width * width)
+            moved += got != (h2 - h2 % 8, w2 - w2 % 8)
+    assert moved > 0.05 * checked  # the float order matters for a sizeable share of sizes above 960
+    for side in range(128, 961, 8):  # at or under 960 only the 0.6 ratio applies
+        assert working_size(side, 960, s) == _reference_working_size(side, 960)
+
+
+def test_raft_clips_and_reference_frames():
+    s = ProPainterSettings()
     # all frames every ref_stride when the video fits one sub-video; otherwise a window around the step
     assert get_ref_index(5, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 40, 10, -1) == [20, 30]
     assert get_ref_index(50, list(range(45, 56)), 200, 10, 4) == [30, 40, 60]
