@@ -19,16 +19,9 @@ from typing import Optional, Tuple
 import torch
 
 from .errors import InputError
-from .prior_injection import (
-    VAE_SCALING,
-    InjectionSettings,
-    StartLatents,
-    check_steps,
-    inject_forward_noise,
-    invert_prior,
-    tcd_timesteps,
-)
+from .prior_injection import InjectionSettings, StartLatents, inject_forward_noise, invert_prior
 from .pre_inference import run_pre_inference, should_pre_infer
+from .schedule import VAE_SCALING, check_steps, pairs_down, tcd_timesteps
 from .temporal_sampling import (
     Conditioning,
     WindowSettings,
@@ -36,7 +29,6 @@ from .temporal_sampling import (
     check_latent_frames,
     check_windows_per_batch,
     denoise_windows,
-    pairs_down,
 )
 from .blend import DEFAULT_FEATHER
 from .video import DEFAULT_MAX_SIDE, FRAME_CHUNK

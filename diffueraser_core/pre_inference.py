@@ -19,13 +19,9 @@ from typing import List, Optional
 
 import torch
 
-from .prior_injection import (
-    VAE_SCALING,
-    StartLatents,
-    forward_noise_latents,
-    inversion_pairs,
-)
-from .temporal_sampling import Conditioning, WindowSettings, denoise_windows, pairs_down
+from .prior_injection import StartLatents, forward_noise_latents, inversion_pairs
+from .schedule import VAE_SCALING, pairs_down
+from .temporal_sampling import Conditioning, WindowSettings, denoise_windows
 
 log = logging.getLogger(__name__)
 

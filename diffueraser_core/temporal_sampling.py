@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
-from .prior_injection import VAE_SCALING, ddim_update
+from .schedule import VAE_SCALING, ddim_update, pairs_down  # noqa: F401  (pairs_down re-exported)
 from .windows import DEFAULT_WINDOW_LENGTH, WindowAccumulator, windows_for_step
 
 log = logging.getLogger(__name__)
@@ -431,8 +431,3 @@ def check_latent_frames(latent_frames: int, frames: int, where: str = "DiffuEras
             f"{where}: the latent has {latent_frames} frames but the video has {frames}; "
             "inject the prior of this same video"
         )
-
-
-def pairs_down(timesteps: List[int]) -> List[Tuple[int, int]]:
-    """TCD moves ``(t_k, t_{k+1})``, the last one to t = 0 (diffusers' TCD: a_0 = alphas_cumprod[0])."""
-    return list(zip(timesteps, timesteps[1:] + [0]))
