@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 PROG = "python -m diffueraser_core remove"
 #: run_diffueraser's ProPainter settings (the reference entry point overrides ProPainter's own defaults)
-RUN_DIFFUERASER_PROPAINTER = {"ref_stride": 10, "neighbor_length": 10, "subvideo_length": 50}
+RUN_DIFFUERASER_PROPAINTER = {"ref_stride": 10, "neighbor_length": 10, "subvideo_length": 50}  # = ProPainterSettings()
 DIFFUSION_MODEL_KEYS = ("unet_main", "brushnet", "pcm_lora", "vae", "text_encoder")
 PROPAINTER_MODEL_KEYS = ("raft", "flow_completion", "propainter")
 

@@ -340,7 +340,8 @@ def _propainter_settings(settings, mask_dilation: int):
 
     if settings is not None:
         return settings
-    # run_diffueraser passes its mask dilation (8) to ProPainter too (ProPainter's own default is 4)
+    # run_diffueraser passes its mask dilation (8) to ProPainter too (ProPainter's own default is 4); the settings'
+    # default subvideo_length is already run_diffueraser's 50
     settings = ProPainterSettings()
     if any(f.name == "mask_dilation" for f in dataclasses.fields(settings)):
         settings = dataclasses.replace(settings, mask_dilation=mask_dilation)

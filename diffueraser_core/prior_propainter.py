@@ -62,7 +62,12 @@ DEFAULT_MASK_DILATION = 4
 RUN_DIFFUERASER_MASK_DILATION = 8
 DEFAULT_REF_STRIDE = 10
 DEFAULT_NEIGHBOR_LENGTH = 10
-DEFAULT_SUBVIDEO_LENGTH = 80
+# Frames per flow-completion / transformer sub-video. DiffuEraser's run_diffueraser passes 50 to the prior, and
+# that changes pre-propagation, the transformer's reference frames and the chunking of every video over 50
+# frames, so 50 is the default wherever the prior feeds DiffuEraser (the core, the CLI, the node). ProPainter's
+# own forward (and sczhou/ProPainter) defaults to 80: set it to get ProPainter-alone results.
+DEFAULT_SUBVIDEO_LENGTH = 50
+PROPAINTER_ALONE_SUBVIDEO_LENGTH = 80
 DEFAULT_RAFT_ITER = 20
 # RAFT clip length (frames per call) by the working size's longer side: <=640 -> 12, <=720 -> 8, <=1280 -> 4.
 RAFT_CLIP_LENGTHS: Tuple[Tuple[int, int], ...] = ((640, 12), (720, 8), (1280, 4))
@@ -97,7 +102,8 @@ GENERATOR_FILE = "ProPainter.pth"
 
 @dataclass
 class ProPainterSettings:
-    """Every parameter of the reference prior, with the reference default.
+    """Every parameter of the reference prior, with the reference default (ProPainter's forward defaults, except
+    ``subvideo_length``: run_diffueraser's 50, see ``DEFAULT_SUBVIDEO_LENGTH``).
 
     ``mask_dilation``: iterations of the cross-shaped dilation for both the flow mask and the image mask (the
     forward's default is 4; run_diffueraser passes ``RUN_DIFFUERASER_MASK_DILATION`` = 8).

@@ -28,7 +28,7 @@ PROPAINTER_DEFAULTS = {
     "mask_dilation": 4,
     "ref_stride": 10,
     "neighbor_length": 10,
-    "subvideo_length": 80,
+    "subvideo_length": 50,  # run_diffueraser's value (ProPainter alone: 80)
     "raft_iter": 20,
 }
 INJECTION_MODES = ["forward_noise", "ddim_inversion"]

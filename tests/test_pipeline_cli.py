@@ -209,3 +209,33 @@ def test_bad_inputs_give_one_line_errors(tmp_path, models_dir):
         assert f"{key} (" in log
     assert "huggingface.co/lixiaowen/diffuEraser" in log and "github.com/sczhou/ProPainter" in log
     assert not (tmp_path / "o").exists()
+
+
+def test_the_prior_that_feeds_diffueraser_uses_subvideo_length_50(monkeypatch):
+    # run_diffueraser passes subvideo_length=50 (and its mask dilation 8) to the prior; ProPainter alone uses 80
+    from diffueraser_core import pipeline, prior_propainter
+    from diffueraser_core.cli import build_parser
+    from diffueraser_core.runtime import StandaloneRuntime
+    from nodes.nodes_prior import PROPAINTER_DEFAULTS
+
+    class Reached(Exception):
+        pass
+
+    seen = []
+
+    def record_settings(frames, masks, nets, settings, runtime, sink=None):
+        seen.append(settings)
+        raise Reached
+
+    monkeypatch.setattr(prior_propainter, "run_propainter_prior", record_settings)
+    frames, masks = make_clip(3, 64, 64), box_masks(3, 64, 64, 8, 8, 10)
+    for prior_only in (False, True):
+        with pytest.raises(Reached):
+            pipeline.remove_objects(
+                frames, masks, propainter_nets=None, runtime=StandaloneRuntime(device="cpu"), models=object(),
+                codec=object(), text_embeddings=torch.zeros(1, 8, 32), prior_only=prior_only,
+            )
+    assert [(s.subvideo_length, s.mask_dilation) for s in seen] == [(50, 8), (50, 8)]
+    assert build_parser().parse_args(["v", "m", "o"]).subvideo_length == 50
+    assert PROPAINTER_DEFAULTS["subvideo_length"] == prior_propainter.ProPainterSettings().subvideo_length == 50
+    assert prior_propainter.PROPAINTER_ALONE_SUBVIDEO_LENGTH == 80
