@@ -30,8 +30,6 @@ DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_m
                      "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
 TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin")
 SD15_LATENT_CHANNELS = 4
-# Buffers that some library versions save and others do not (CLIP's position ids): never a reason to fail.
-OPTIONAL_BUFFER_SUFFIXES = ("position_ids",)
 # The network classes the ProPainter files must fit: (module, class name, constructor kwargs, key prefix in files).
 PROPAINTER_NETWORKS = {
     "raft": ("raft", "RAFT", {}, "module."),
@@ -85,10 +83,6 @@ def _read_json(path: str) -> dict:
 
 def _meta_shapes(module: torch.nn.Module) -> Dict[str, Tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in module.state_dict().items()}
-
-
-def _drop_optional(shapes: Dict[str, object]) -> Dict[str, object]:
-    return {k: v for k, v in shapes.items() if not k.endswith(OPTIONAL_BUFFER_SUFFIXES)}
 
 
 def _require(shapes, expected_families, path: str, what: str) -> str:
@@ -188,50 +182,38 @@ class _Doctor:
     def _check_propainter(self, path: str) -> str:
         return self._check_propainter_file(path, "propainter")
 
+    # The VAE and the text encoder are checked by the loaders themselves (``shapes_only``: headers only, the model
+    # on the meta device), so every key mapping the loader does (LDM names, checkpoint prefixes, the text_model.
+    # prefix that transformers 5 dropped) counts here too: what the doctor accepts is what loads.
     def _check_vae(self, path: str) -> str:
-        if os.path.isdir(path):
-            from diffusers import AutoencoderKL
+        from .models.sd15_components import load_vae
 
-            weights = _weights_in_folder(path, DIFFUSERS_WEIGHTS)
-            config = _read_json(os.path.join(path, "config.json"))
-            shapes = read_tensor_shapes(weights, WHAT)
-            _require(shapes, ("vae",), weights, WHAT)
-            with torch.device("meta"):
-                vae = AutoencoderKL.from_config(config)
-            compare_shapes(_meta_shapes(vae), shapes, weights, WHAT)
-            return f"{weights} (every tensor fits its config.json)"
-        shapes = read_tensor_shapes(path, WHAT)
-        family = _require(shapes, ("vae", "sd15_checkpoint"), path, WHAT)
-        prefix = "first_stage_model." if family == "sd15_checkpoint" else ""
-        quant = next((shapes[k][0] for k in (f"{prefix}quant_conv.weight", "vae.quant_conv.weight") if k in shapes), None)
-        if quant is not None and quant[0] != 2 * SD15_LATENT_CHANNELS:
+        family = None
+        if not os.path.isdir(path):
+            family = _require(read_tensor_shapes(path, WHAT), ("vae", "sd15_checkpoint"), path, WHAT)
+        vae = load_vae(path, shapes_only=True)
+        latent = int(vae.config.latent_channels)
+        if latent != SD15_LATENT_CHANNELS:
             raise ModelFileError(
-                f"{WHAT}: {path!r} is a VAE with {quant[0] // 2} latent channels; SD1.5 needs {SD15_LATENT_CHANNELS}"
+                f"{WHAT}: {path!r} is a VAE with {latent} latent channels; SD1.5 needs {SD15_LATENT_CHANNELS}"
             )
+        if os.path.isdir(path):
+            return f"{_weights_in_folder(path, DIFFUSERS_WEIGHTS)} (every tensor fits its config.json)"
         where = " (inside the SD1.5 checkpoint)" if family == "sd15_checkpoint" else ""
-        return f"{path}{where}"
+        return f"{path}{where} (loads)"
 
     def _check_text_encoder(self, path: str) -> str:
-        if os.path.isdir(path):
-            from transformers import CLIPTextConfig, CLIPTextModel
+        from .models.sd15_components import load_text_encoder
 
-            weights = _weights_in_folder(path, TRANSFORMERS_WEIGHTS)
-            config = CLIPTextConfig.from_dict(_read_json(os.path.join(path, "config.json")))
-            shapes = read_tensor_shapes(weights, WHAT)
-            _require(shapes, ("clip_text",), weights, WHAT)
-            with torch.device("meta"):
-                model = CLIPTextModel(config)
-            compare_shapes(_drop_optional(_meta_shapes(model)), _drop_optional(shapes), weights, WHAT)
-            self._check_text_width(config.hidden_size, weights)
-            return f"{weights} (every tensor fits its config.json)"
-        shapes = read_tensor_shapes(path, WHAT)
-        family = _require(shapes, ("clip_text", "sd15_checkpoint"), path, WHAT)
-        embedding = next(k for k in shapes if k.endswith("text_model.embeddings.token_embedding.weight")) \
-            if family == "clip_text" else "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
-        if embedding in shapes:
-            self._check_text_width(shapes[embedding][0][1], path)
+        family = None
+        if not os.path.isdir(path):
+            family = _require(read_tensor_shapes(path, WHAT), ("clip_text", "sd15_checkpoint"), path, WHAT)
+        model = load_text_encoder(path, shapes_only=True)
+        self._check_text_width(int(model.config.hidden_size), path)
+        if os.path.isdir(path):
+            return f"{_weights_in_folder(path, TRANSFORMERS_WEIGHTS)} (every tensor fits its config.json)"
         where = " (inside the SD1.5 checkpoint)" if family == "sd15_checkpoint" else ""
-        return f"{path}{where}"
+        return f"{path}{where} (loads)"
 
     def _check_text_width(self, width: int, path: str) -> None:
         if self.unet_meta is None:

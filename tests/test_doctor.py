@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from diffueraser_core import doctor
+from diffueraser_core.errors import ModelFileError
 from diffueraser_core.__main__ import main as package_main
 from diffueraser_core.model_files import find_model_files
 from diffueraser_core.random_weights.lora import save_pcm_lora
@@ -127,7 +128,10 @@ def test_sd15_checkpoint_stands_in_for_vae_and_text_encoder(models):
     shutil.rmtree(models / "vae")
     shutil.rmtree(models / "text_encoders")
     vae = {k: tuple(v.shape) for k, v in vae_diffusers_to_ldm(build_vae().state_dict(), 4, 1).items()}
-    text = {k: tuple(v.shape) for k, v in build_text_encoder().state_dict().items() if "position_ids" not in k}
+    # official checkpoints name the text tensors cond_stage_model.transformer.text_model.* whatever transformers
+    # calls them (transformers 5 dropped the text_model. level from CLIPTextModel)
+    text = {("" if k.startswith("text_model.") else "text_model.") + k: tuple(v.shape)
+            for k, v in build_text_encoder().state_dict().items() if "position_ids" not in k}
     shapes = {"model.diffusion_model.input_blocks.0.0.weight": (32, 4, 3, 3),
               **{"first_stage_model." + k: v for k, v in vae.items()},
               **{"cond_stage_model.transformer." + k: v for k, v in text.items()}}
@@ -158,3 +162,40 @@ def test_package_entry_point_runs_the_doctor(models, capsys):
     assert package_main(["doctor", "--models", str(models)]) == 1
     out = capsys.readouterr().out
     assert "MISSING" in out and "github.com/sczhou/ProPainter/releases/tag/v0.1.0" in out
+
+
+def test_transformers_folder_text_encoder_is_accepted_and_loads(models):
+    # a transformers folder (config.json + model.safetensors) whose tensors are named text_model.* as the official
+    # files are: the loader maps them onto whatever the installed transformers builds, and the doctor checks the
+    # folder through that same loader
+    from diffueraser_core.models.sd15_components import TEXT_MODEL_PREFIX, encode_prompt, load_text_encoder
+    from diffueraser_core.models.checkpoints import read_tensor_shapes
+
+    shutil.rmtree(models / "text_encoders")
+    folder = models / "text_encoders" / "sd15_text_encoder"
+    save_text_encoder(str(folder), seed=3, layout="folder")
+    keys = read_tensor_shapes(str(folder / "model.safetensors"))
+    assert keys and all(k.startswith(TEXT_MODEL_PREFIX) for k in keys)
+    code, lines, text = _run(models)
+    assert code == 0, text
+    assert lines["text_encoder"].startswith("OK ") and "model.safetensors" in lines["text_encoder"]
+    model = load_text_encoder(str(folder))
+    embedding = encode_prompt(model, "")
+    assert embedding.shape == (1, 77, 32) and torch.isfinite(embedding).all()
+
+
+def test_doctor_rejects_what_the_loader_rejects(models):
+    # one tensor short: the loader's strict check fails, so the doctor's does too (same code)
+    from safetensors.torch import load_file, save_file
+
+    from diffueraser_core.models.sd15_components import load_text_encoder
+
+    path = models / "text_encoders" / "clip_l.safetensors"
+    tensors = load_file(str(path))
+    dropped = sorted(k for k in tensors if k.endswith("final_layer_norm.bias"))[0]
+    del tensors[dropped]
+    save_file(tensors, str(path))
+    with pytest.raises(ModelFileError, match="1 missing keys"):
+        load_text_encoder(str(path))
+    code, lines, text = _run(models)
+    assert code == 1 and lines["text_encoder"].startswith("INVALID") and "1 missing keys" in lines["text_encoder"]

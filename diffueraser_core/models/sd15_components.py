@@ -8,6 +8,10 @@ Accepted without network access:
   (``clip_l.safetensors`` as kept in ``models/text_encoders`` / ``models/clip``), or an SD1.5 checkpoint
   (``cond_stage_model.transformer.`` prefix). The SD1.5 text encoder is exactly the CLIP ViT-L/14 text model.
 The hyper-parameters of single files are read from tensor shapes, so tiny test files load the same way.
+
+``shapes_only=True`` runs the very same key mapping and strict checks on the file's tensor headers (meta tensors,
+nothing read but the header) and returns the model on the meta device: ``doctor`` checks the files this way, so
+what it accepts is exactly what loads.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Dict, Optional
 import torch
 
 from ..errors import InputError, ModelFileError
-from .checkpoints import load_state_dict_checked, read_state_dict
+from .checkpoints import load_state_dict_checked, read_state_dict, read_tensor_shapes
 
 VAE_SCALING_FACTOR = 0.18215
 CLIP_MAX_TOKENS = 77
@@ -134,6 +138,16 @@ def _vae_config_from_diffusers(state_dict) -> dict:
     return _vae_config(channels, layers, state_dict["encoder.conv_norm_out.weight"].shape[0], state_dict)
 
 
+def _read_weights(path: str, what: str, shapes_only: bool) -> Dict[str, torch.Tensor]:
+    """The file's tensors, or with ``shapes_only`` meta tensors of the same names, shapes and dtypes."""
+    if not shapes_only:
+        return read_state_dict(path, what)
+    return {
+        name: torch.empty(shape, dtype=dtype, device="meta")
+        for name, (shape, dtype) in read_tensor_shapes(path, what).items()
+    }
+
+
 def _folder_weights(folder: str, names) -> Optional[str]:
     for name in names:
         path = os.path.join(folder, name)
@@ -142,8 +156,11 @@ def _folder_weights(folder: str, names) -> Optional[str]:
     return None
 
 
-def load_vae(path: str, dtype: Optional[torch.dtype] = None):
-    """Load the SD1.5 VAE (sd-vae-ft-mse) as a diffusers AutoencoderKL on the CPU, eval mode."""
+def load_vae(path: str, dtype: Optional[torch.dtype] = None, shapes_only: bool = False):
+    """Load the SD1.5 VAE (sd-vae-ft-mse) as a diffusers AutoencoderKL on the CPU, eval mode.
+
+    ``shapes_only``: check the file without reading its data; the model comes back on the meta device.
+    """
     from diffusers import AutoencoderKL
 
     what = "VAE"
@@ -158,7 +175,7 @@ def load_vae(path: str, dtype: Optional[torch.dtype] = None):
             with open(config_path, encoding="utf-8") as f:
                 config = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
         path = weights
-    state_dict = read_state_dict(path, what)
+    state_dict = _read_weights(path, what, shapes_only)
     if any(k.startswith(_LDM_VAE_PREFIX) for k in state_dict):
         state_dict = {k[len(_LDM_VAE_PREFIX):]: v for k, v in state_dict.items() if k.startswith(_LDM_VAE_PREFIX)}
     if "encoder.down.0.block.0.conv1.weight" in state_dict:
@@ -212,8 +229,11 @@ def _text_config_from_shapes(state_dict) -> dict:
     }
 
 
-def load_text_encoder(path: str, dtype: Optional[torch.dtype] = None):
-    """Load the SD1.5 text encoder (CLIP-L text model) as a transformers CLIPTextModel on the CPU, eval mode."""
+def load_text_encoder(path: str, dtype: Optional[torch.dtype] = None, shapes_only: bool = False):
+    """Load the SD1.5 text encoder (CLIP-L text model) as a transformers CLIPTextModel on the CPU, eval mode.
+
+    ``shapes_only``: check the file without reading its data; the model comes back on the meta device.
+    """
     from transformers import CLIPTextConfig, CLIPTextModel
 
     what = "Text encoder"
@@ -227,7 +247,7 @@ def load_text_encoder(path: str, dtype: Optional[torch.dtype] = None):
             with open(config_path, encoding="utf-8") as f:
                 config = {k: v for k, v in json.load(f).items() if k not in ("architectures", "transformers_version", "torch_dtype")}
         path = weights
-    state_dict = read_state_dict(path, what)
+    state_dict = _read_weights(path, what, shapes_only)
     if "text_model.embeddings.token_embedding.weight" not in state_dict:
         for prefix in _LDM_TEXT_PREFIXES:
             if f"{prefix}text_model.embeddings.token_embedding.weight" in state_dict:
