@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PCM LoRA file name in models/diffueraser (or a path); 'none' for no LoRA")
     p.add_argument("--lora-strength", type=float, default=1.0, help="PCM LoRA strength (default 1.0)")
     p.add_argument("--device", choices=("cpu", "cuda", "mps"), default=None, help="compute device (default: best)")
+    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default=None,
+                   help="network precision (default: fp16 on CUDA/MPS as the reference, fp32 on the CPU; RAFT and "
+                        "flow warping grids always run in fp32)")
     p.add_argument("--raft-iter", type=int, default=20, help="RAFT iterations for the prior (default 20)")
     p.add_argument("--subvideo-length", type=int, default=RUN_DIFFUERASER_PROPAINTER["subvideo_length"],
                    help="ProPainter sub-video length (run_diffueraser: 50)")
@@ -163,7 +166,7 @@ def run(args, stream=None) -> None:
     from .pipeline import SamplerSettings, remove_objects
     from .prior_injection import InjectionSettings
     from .prior_propainter import ProPainterSettings
-    from .runtime import StandaloneRuntime
+    from .runtime import StandaloneRuntime, dtype_from_name
     from .video import read_masks, read_video, working_size, write_video
 
     sampler = SamplerSettings(
@@ -207,7 +210,7 @@ def run(args, stream=None) -> None:
     printer = _ProgressPrinter(stream or sys.stderr, args.quiet)
     printer(f"read {num} frames {width}x{height} at {float(video.fps):g} fps", 1, 1)
 
-    runtime = StandaloneRuntime(device=device, progress_callback=printer)
+    runtime = StandaloneRuntime(device=device, dtype=dtype_from_name(args.dtype, device), progress_callback=printer)
     nets = _load_propainter(found, runtime)
     models = codec = text = None
     if not args.prior_only:

@@ -110,7 +110,7 @@ class ProPainterSettings:
     ``raft_clip_lengths``: ``(max longer side, frames per RAFT call)`` rows, first match wins, else
     ``raft_clip_length_largest``. ``pre_propagation``: the reference always pre-propagates sampled frames when
     the video is longer than ``min(propagation_chunk_cap, subvideo_length)``; False skips it.
-    ``compute_dtype``: None = the runtime's (fp16/bf16 on GPU, fp32 on CPU); RAFT always runs in fp32.
+    ``compute_dtype``: None = the runtime's (fp16 on CUDA by default, fp32 on CPU); RAFT always runs in fp32.
     """
 
     resize_ratio: float = DEFAULT_RESIZE_RATIO

@@ -5,7 +5,7 @@ should stop. It asks a ``Runtime``. ``StandaloneRuntime`` (CLI, tests) implement
 ComfyUI bridge (nodes/bridge.py) implements it with ModelPatcher / load_models_gpu / ProgressBar / interrupt.
 
 Contract used by every stage:
-* ``runtime.device`` / ``runtime.dtype``: where and in which dtype networks compute (fp32 on CPU).
+* ``runtime.device`` / ``runtime.dtype``: where and in which dtype networks compute (fp32 on CPU, fp16 on CUDA).
 * ``handle = runtime.wrap(module, name)`` once per network; ``model = handle.acquire(memory_required=bytes)``
   before each window/chunk returns the module ready on ``runtime.device`` (the host may evict others or load
   partially); ``handle.release()`` after the stage lets the host offload it.
@@ -99,12 +99,28 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+#: the standalone runtime's dtype names (CLI ``--dtype``)
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "mps":
+    """fp16 on CUDA and MPS (what the reference and ComfyUI run; bf16 only on request: ``is_bf16_supported()``
+    is also true on cards that emulate it), fp32 on the CPU."""
+    device = torch.device(device)
+    if device.type in ("cuda", "mps"):
         return torch.float16
     return torch.float32
+
+
+def dtype_from_name(name: Optional[str], device: torch.device) -> torch.dtype:
+    """``"fp16"`` / ``"bf16"`` / ``"fp32"`` -> torch dtype; None -> ``default_dtype(device)``."""
+    if name is None:
+        return default_dtype(device)
+    if name not in DTYPES:
+        from .errors import InputError
+
+        raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
 
 
 @dataclass

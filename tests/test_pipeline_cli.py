@@ -239,3 +239,38 @@ def test_the_prior_that_feeds_diffueraser_uses_subvideo_length_50(monkeypatch):
     assert build_parser().parse_args(["v", "m", "o"]).subvideo_length == 50
     assert PROPAINTER_DEFAULTS["subvideo_length"] == prior_propainter.ProPainterSettings().subvideo_length == 50
     assert prior_propainter.PROPAINTER_ALONE_SUBVIDEO_LENGTH == 80
+
+
+def test_dtype_option_reaches_the_runtime_and_defaults(tmp_path, models_dir, monkeypatch):
+    from diffueraser_core import runtime as runtime_module
+    from diffueraser_core.cli import build_parser
+
+    assert runtime_module.default_dtype(torch.device("cuda")) == torch.float16  # not bf16, whatever the card
+    assert runtime_module.default_dtype(torch.device("cpu")) == torch.float32
+    assert build_parser().parse_args(["v", "m", "o"]).dtype is None
+    code, log = run_cli(["v", "m", "o", "--dtype", "int8"])
+    assert code == 2
+    made = []
+
+    class Recording(runtime_module.StandaloneRuntime):
+        def __post_init__(self):
+            super().__post_init__()
+            made.append(self)
+
+    monkeypatch.setattr(runtime_module, "StandaloneRuntime", Recording)
+    num, h, w = 3, 64, 96
+    frames = make_clip(num, h, w, seed=2)
+    masks = box_masks(num, h, w, top=20, left=40, size=12)
+    write_video(str(tmp_path / "video"), frames)
+    write_masks(tmp_path / "mask", masks)
+    opts = ["--models", models_dir, "--device", "cpu", "--mask-dilation", "2", *FAST, *FULL_SIZE_PRIOR]
+    # half precision on the CPU end to end: the diffusion networks and ProPainter's in bf16 (RAFT stays fp32, flow
+    # warping samples on fp32 grids). bf16 here because fp16 convolutions on the CPU take ~10x longer; the
+    # warping tests cover fp16.
+    code, log = run_cli([tmp_path / "video", tmp_path / "mask", tmp_path / "out16", *opts, "--dtype", "bf16"])
+    assert code == 0, log
+    assert [r.dtype for r in made] == [torch.bfloat16]
+    out = read_video(str(tmp_path / "out16")).frames
+    untouched = far_from(masks, 14)
+    assert torch.equal(out[untouched], frames[untouched])
+    assert (out[masks].float() - frames[masks].float()).abs().mean() > 1.0  # the hole was repainted
