@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", default=None,
                    help="PCM LoRA file name in models/diffueraser (or a path); 'none' for no LoRA")
     p.add_argument("--lora-strength", type=float, default=1.0, help="PCM LoRA strength (default 1.0)")
+    p.add_argument("--scheduler", choices=("auto", "tcd", "lcm"), default="auto",
+                   help="sampler: auto = the one the LoRA needs (LCMScheduler for pcm_sd15_lcmlike_lora, as the "
+                        "reference; TCD otherwise)")
     p.add_argument("--device", choices=("cpu", "cuda", "mps"), default=None, help="compute device (default: best)")
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default=None,
                    help="network precision (default: fp16 on CUDA/MPS as the reference, fp32 on the CPU; RAFT and "
@@ -126,6 +129,7 @@ def _load_diffusion(found: dict, models_dir: str, args, runtime):
     from .models.checkpoints import load_brushnet, load_unet_main, network_file_bytes
     from .models.sd15_components import encode_prompt, load_text_encoder, load_vae
     from .pipeline import DiffuEraserModels, DiffusersVaeCodec
+    from .schedule import scheduler_for_lora
 
     def device_for(family):
         # Built straight on the GPU when it fits: the weights then never take host RAM (the host-RAM budget
@@ -148,7 +152,8 @@ def _load_diffusion(found: dict, models_dir: str, args, runtime):
     del text_encoder
     vae = load_vae(found["vae"])
     models = DiffuEraserModels(unet=runtime.wrap(unet, "diffueraser_unet_main"),
-                               brushnet=runtime.wrap(brushnet, "diffueraser_brushnet"))
+                               brushnet=runtime.wrap(brushnet, "diffueraser_brushnet"),
+                               scheduler=scheduler_for_lora(lora_path))
     codec = DiffusersVaeCodec(runtime.wrap(vae, "sd15_vae"), runtime)
     return models, codec, text
 
@@ -178,6 +183,7 @@ def run(args, stream=None) -> None:
         brushnet_scale=args.brushnet_scale,
         pre_inference=not args.no_pre_inference,
         mask_dilation=args.mask_dilation,
+        scheduler=args.scheduler,
     )
     injection = InjectionSettings(
         mode=args.mode, seed=args.seed, window_length=args.window_length, strength=args.strength,

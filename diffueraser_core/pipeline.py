@@ -21,7 +21,17 @@ import torch
 from .errors import InputError
 from .prior_injection import InjectionSettings, StartLatents, inject_forward_noise, invert_prior
 from .pre_inference import run_pre_inference, should_pre_infer
-from .schedule import VAE_SCALING, check_steps, pairs_down, tcd_timesteps
+from .schedule import (
+    VAE_SCALING,
+    SamplerStep,
+    StepNoise,
+    check_scheduler,
+    check_steps,
+    lcm_pairs,
+    lcm_timesteps,
+    pairs_down,
+    tcd_timesteps,
+)
 from .temporal_sampling import (
     Conditioning,
     WindowSettings,
@@ -131,9 +141,13 @@ class SamplerSettings:
     mask_dilation: int = 8
     #: sampling windows per BrushNet/UNet forward (1 = the reference; more = same result, more memory per forward)
     windows_per_batch: int = 1
+    #: "auto" (the one the loaded PCM LoRA needs: ``DiffuEraserModels.scheduler``), "tcd" or "lcm"
+    scheduler: str = "auto"
 
     def __post_init__(self):
         check_steps(self.steps)
+        if self.scheduler != "auto":
+            check_scheduler(self.scheduler)
         self.windows_per_batch = check_windows_per_batch(self.windows_per_batch)
         if int(self.window_length) != self.window_length or not 1 <= self.window_length <= MAX_WINDOW_LENGTH:
             raise InputError(
@@ -157,10 +171,12 @@ class SamplerSettings:
 
 @dataclass
 class DiffuEraserModels:
-    """Runtime handles of the motion UNet (with the PCM LoRA applied) and BrushNet."""
+    """Runtime handles of the motion UNet (with the PCM LoRA applied) and BrushNet, and the scheduler that LoRA
+    is sampled with ("tcd"; "lcm" for the LCM-like PCM LoRA: ``schedule.scheduler_for_lora``)."""
 
     unet: object
     brushnet: object
+    scheduler: str = "tcd"
 
 
 def _check_video(frames: torch.Tensor, where: str) -> None:
@@ -272,7 +288,19 @@ def sample_video(
     latent_hw = start.latent_hw
     if conditioning is None:
         conditioning = build_conditioning(frames, masks, latent_hw, codec, settings.mask_dilation)
-    timesteps = tcd_timesteps(settings.steps, start.strength)
+    scheduler = settings.scheduler if settings.scheduler != "auto" else getattr(models, "scheduler", "tcd")
+    check_scheduler(scheduler, where)
+    if scheduler == "lcm":
+        # as the reference: LCMScheduler() timesteps, and its step noise from the run's generator, which drew the
+        # window noise first
+        timesteps = lcm_timesteps(settings.steps, start.strength)
+        pairs = lcm_pairs(timesteps)
+        seed = 0 if start.seed is None else int(start.seed)
+        step = SamplerStep("lcm", StepNoise(seed, (start.window_length, 4, *start.latent_hw)))
+    else:
+        timesteps = tcd_timesteps(settings.steps, start.strength)
+        pairs = pairs_down(timesteps)
+        step = SamplerStep("tcd")
     if timesteps[0] != start.start_timestep:
         log.warning(
             "%s: the latent was prepared for timestep %d but the schedule starts at %d",
@@ -284,12 +312,13 @@ def sample_video(
     start_latent = start.latent
     if should_pre_infer(start.num_frames, window.window_length, start, settings.pre_inference):
         pre = run_pre_inference(
-            start, conditioning, timesteps, text_embeddings, negative_embeddings, models, codec, window, runtime
+            start, conditioning, timesteps, text_embeddings, negative_embeddings, models, codec, window, runtime,
+            step=step, pairs=pairs,
         )
         start_latent, conditioning = pre.start_latent, pre.conditioning
     latents = denoise_windows(
         start_latent.to(torch.float32) * VAE_SCALING,
-        pairs_down(timesteps),
+        pairs,
         conditioning,
         text_embeddings,
         negative_embeddings,
@@ -297,6 +326,7 @@ def sample_video(
         window,
         runtime,
         stage="sampling",
+        step=step,
     )
     latents /= VAE_SCALING
     return latents

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
 from .prior_injection import StartLatents, forward_noise_latents, inversion_pairs
-from .schedule import VAE_SCALING, pairs_down
+from .schedule import VAE_SCALING, SamplerStep, pairs_down
 from .temporal_sampling import Conditioning, WindowSettings, denoise_windows
 
 log = logging.getLogger(__name__)
@@ -72,9 +72,13 @@ def run_pre_inference(
     codec,
     settings: WindowSettings,
     runtime,
+    step: Optional[SamplerStep] = None,
+    pairs: Optional[List[Tuple[int, int]]] = None,
 ) -> PreInferenceResult:
     """Sample the keyframe window, write it back and return the main pass's start latents and conditioning.
 
+    ``step`` / ``pairs``: the sampler's update and its timestep pairs (default TCD: ``pairs_down(timesteps)``);
+    the LCM sampler passes its own, and its step noise continues into the main pass as in the reference.
     Neither ``start`` nor ``conditioning`` is modified (a host may cache them); the returned tensors are copies.
     """
     num = start.num_frames
@@ -88,7 +92,7 @@ def run_pre_inference(
         x = start.latent[idx].to(torch.float32)
     clean = denoise_windows(
         x * VAE_SCALING,
-        pairs_down(timesteps),
+        pairs if pairs is not None else pairs_down(timesteps),
         key_cond,
         text_embeddings,
         negative_embeddings,
@@ -96,6 +100,7 @@ def run_pre_inference(
         settings,
         runtime,
         stage=STAGE,
+        step=step,
     )
     clean_raw = clean / VAE_SCALING
     decoded = codec.decode(clean_raw)  # uint8 [L, 8h, 8w, 3]

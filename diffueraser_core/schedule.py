@@ -11,7 +11,7 @@ TCD with eta = 0 (the reference pipeline's default, so TCD's gamma is 0) is the 
 from __future__ import annotations
 
 import math
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -96,3 +96,113 @@ def ddim_update(x: torch.Tensor, eps: torch.Tensor, timestep: int, next_timestep
     eps = eps.float()
     x0 = (x - math.sqrt(1.0 - a_t) * eps) / math.sqrt(a_t)
     return math.sqrt(a_s) * x0 + math.sqrt(1.0 - a_s) * eps
+
+
+# ------------------------------------------------------------------------------------------------------- LCM
+# The LCM-like PCM LoRA (pcm_sd15_lcmlike_lora_converted) is sampled by the reference with diffusers'
+# ``LCMScheduler()`` at its default config (the same SD1.5 betas, original_inference_steps 50, "leading" spacing,
+# timestep_scaling 10): timesteps 4 -> [999, 759, 499, 259]. Each step denoises with the consistency boundary
+# condition and, except after the last, re-noises to the next timestep with FRESH noise drawn from the run's
+# generator, window by window (the reference passes its seeded generator to ``scheduler.step``).
+SCHEDULERS = ("tcd", "lcm")
+#: file names containing this are the LCM-like PCM LoRA, which the reference samples with LCMScheduler
+LCM_LIKE_LORA_MARKER = "lcmlike"
+#: LCMScheduler's consistency-model boundary condition: sigma_data and the timestep scaling (diffusers defaults)
+LCM_SIGMA_DATA = 0.5
+LCM_TIMESTEP_SCALING = 10.0
+#: the "next timestep" of LCM's last step: the denoised sample is the result, no noise is added
+LCM_FINAL = -1
+
+
+def scheduler_for_lora(lora_path) -> str:
+    """``"lcm"`` for the LCM-like PCM LoRA (by file name, as the reference's checkpoint table), else ``"tcd"``."""
+    if lora_path is None:
+        return "tcd"
+    import os
+
+    return "lcm" if LCM_LIKE_LORA_MARKER in os.path.basename(str(lora_path)).lower() else "tcd"
+
+
+def check_scheduler(name: str, where: str = "DiffuEraser Sampler") -> str:
+    if name not in SCHEDULERS:
+        raise InputError(f"{where}: scheduler must be one of {', '.join(SCHEDULERS)}, got {name!r}")
+    return name
+
+
+def lcm_timesteps(steps: int, strength: float = 1.0) -> List[int]:
+    """The LCM sampler's timesteps: diffusers' ``LCMScheduler()`` default config (4 steps -> [999, 759, 499, 259])."""
+    from diffusers import LCMScheduler
+
+    steps = check_steps(steps)
+    strength = check_strength(strength, steps, "DiffuEraser Sampler")
+    scheduler = LCMScheduler()
+    scheduler.set_timesteps(steps, strength=strength)
+    return [int(t) for t in scheduler.timesteps]
+
+
+def lcm_pairs(timesteps: List[int]) -> List[Tuple[int, int]]:
+    """LCM moves ``(t_k, t_{k+1})``; the last one is ``(t_last, LCM_FINAL)``: return the denoised sample."""
+    return list(zip(timesteps, timesteps[1:] + [LCM_FINAL]))
+
+
+def lcm_boundary_scalings(timestep: int) -> Tuple[float, float]:
+    """``(c_skip, c_out)`` of LCMScheduler's boundary condition at ``timestep``."""
+    scaled = timestep * LCM_TIMESTEP_SCALING
+    c_skip = LCM_SIGMA_DATA**2 / (scaled**2 + LCM_SIGMA_DATA**2)
+    c_out = scaled / (scaled**2 + LCM_SIGMA_DATA**2) ** 0.5
+    return c_skip, c_out
+
+
+def lcm_update(
+    x: torch.Tensor, eps: torch.Tensor, timestep: int, next_timestep: int, noise: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """One LCMScheduler step (epsilon prediction): ``denoised = c_out * x0 + c_skip * x``; then
+    ``sqrt(a_s) * denoised + sqrt(1 - a_s) * noise`` towards ``next_timestep``, or ``denoised`` itself when
+    ``next_timestep`` is ``LCM_FINAL`` (``noise`` is then unused). Computed in float32."""
+    abar = alphas_cumprod()
+    a_t = float(abar[int(timestep)])
+    x = x.float()
+    x0 = (x - math.sqrt(1.0 - a_t) * eps.float()) / math.sqrt(a_t)
+    c_skip, c_out = lcm_boundary_scalings(int(timestep))
+    denoised = c_out * x0 + c_skip * x
+    if next_timestep == LCM_FINAL:
+        return denoised
+    a_s = float(abar[int(next_timestep)])
+    return math.sqrt(a_s) * denoised + math.sqrt(1.0 - a_s) * noise.to(denoised.device, torch.float32)
+
+
+class StepNoise:
+    """LCM's per-step noise, drawn as the reference draws it: one CPU generator seeded with the run's seed, which
+    first draws the window noise (``skip_shape``, what prior injection drew from the same seed) and then one
+    N(0,1) tensor per window per step, in window order, shaped like the window's latents."""
+
+    def __init__(self, seed: int, skip_shape: Optional[Tuple[int, ...]] = None):
+        self.generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        if skip_shape is not None:
+            torch.randn(tuple(skip_shape), generator=self.generator, dtype=torch.float32)
+
+    def draw(self, shape) -> torch.Tensor:
+        return torch.randn(tuple(shape), generator=self.generator, dtype=torch.float32)
+
+
+class SamplerStep:
+    """How a window moves from ``t`` to ``s``: ``"tcd"`` (deterministic, the DDIM update; also the inversion) or
+    ``"lcm"`` (``lcm_update`` with fresh noise from ``noise``). ``x``/``eps`` ``[F,4,h,w]`` or, for a batch of
+    windows, ``[K,F,4,h,w]`` (noise drawn window by window, in order)."""
+
+    def __init__(self, scheduler: str = "tcd", noise: Optional[StepNoise] = None):
+        self.scheduler = check_scheduler(scheduler)
+        if scheduler == "lcm" and noise is None:
+            raise ValueError("SamplerStep: the LCM scheduler needs a StepNoise")
+        self.noise = noise
+
+    def __call__(self, x: torch.Tensor, eps: torch.Tensor, timestep: int, next_timestep: int) -> torch.Tensor:
+        if self.scheduler == "tcd":
+            return ddim_update(x, eps, timestep, next_timestep)
+        fresh = None
+        if next_timestep != LCM_FINAL:
+            if x.dim() == 5:
+                fresh = torch.stack([self.noise.draw(x.shape[1:]) for _ in range(x.shape[0])])
+            else:
+                fresh = self.noise.draw(x.shape)
+        return lcm_update(x, eps, timestep, next_timestep, fresh)

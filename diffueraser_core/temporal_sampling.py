@@ -3,7 +3,8 @@
 One denoising step walks the video in the staggered windows of ``windows.py`` (list A on even steps, B on odd):
 for each window its latents and BrushNet conditioning go to the device, BrushNet runs once on the window's frames
 (independently per frame), the motion UNet once on the whole window with BrushNet's 28 residuals, and the window
-moves by one deterministic TCD step (eta = 0, i.e. a DDIM step, as the reference's pipeline default). The windows'
+moves by one deterministic TCD step (eta = 0, i.e. a DDIM step, as the reference's pipeline default), or by one
+LCMScheduler step for the LCM-like PCM LoRA (``schedule.SamplerStep``). The windows'
 results are merged on the CPU with ``WindowAccumulator``, in list order.
 
 Window batching (``WindowSettings.windows_per_batch`` > 1): the windows of one step all read the previous step's
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
-from .schedule import VAE_SCALING, ddim_update, pairs_down  # noqa: F401  (pairs_down re-exported)
+from .schedule import VAE_SCALING, SamplerStep, pairs_down  # noqa: F401  (pairs_down re-exported)
 from .windows import DEFAULT_WINDOW_LENGTH, WindowAccumulator, windows_for_step
 
 log = logging.getLogger(__name__)
@@ -337,13 +338,17 @@ def denoise_windows(
     runtime,
     stage: str = "sampling",
     step_numbers: Optional[Sequence[int]] = None,
+    step: Optional[SamplerStep] = None,
 ) -> torch.Tensor:
     """Move scaled latents ``[T,4,h,w]`` (CPU) through ``timestep_pairs`` ((t, next t) per step), window by window.
 
-    Going down this is the TCD sampler; going up (pairs ascending) the DDIM inversion. ``step_numbers`` picks
-    the window list of each step (default 0, 1, 2, ...: list A on even numbers). Returns new float32 CPU latents.
-    With ``settings.windows_per_batch`` > 1 equal-length windows share forwards (see the module docstring).
+    Going down this is the TCD sampler; going up (pairs ascending) the DDIM inversion. ``step`` is the update of
+    one window (default: TCD / DDIM; ``SamplerStep("lcm", noise)`` for the LCM-like LoRA with
+    ``schedule.lcm_pairs``). ``step_numbers`` picks the window list of each step (default 0, 1, 2, ...: list A on
+    even numbers). Returns new float32 CPU latents. With ``settings.windows_per_batch`` > 1 equal-length windows
+    share forwards (see the module docstring).
     """
+    step = step or SamplerStep()
     # the settings object may have been changed after construction
     per_batch = check_windows_per_batch(settings.windows_per_batch)
     num = int(latents.shape[0])
@@ -388,7 +393,7 @@ def denoise_windows(
                             settings,
                             runtime,
                         )
-                        moved_group = ddim_update(xs.to(eps.device), eps, t, s).cpu()
+                        moved_group = step(xs.to(eps.device), eps, t, s).cpu()
                     except Exception as exc:  # only out-of-memory is handled; everything else propagates
                         if not runtime.is_oom(exc):
                             raise
@@ -413,7 +418,7 @@ def denoise_windows(
                         eps = _guided_noise(
                             models, x, t, conditioning.window(start, stop), text, negative, settings, runtime
                         )
-                        moved = ddim_update(x.to(eps.device), eps, t, s).cpu()
+                        moved = step(x.to(eps.device), eps, t, s).cpu()
                     acc.add(start, stop, moved)
                     done += 1
                     middle = moved.shape[0] // 2

@@ -87,6 +87,7 @@ class DiffuEraserModelLoader:
     def load(self, unet_main, brushnet, pcm_lora, lora_strength):
         from diffueraser_core.models import checkpoints, lora
         from diffueraser_core.pipeline import DiffuEraserModels
+        from diffueraser_core.schedule import scheduler_for_lora
 
         runtime = get_runtime(self.NODE)
         dfolder = folders.DIFFUERASER_FOLDER
@@ -112,7 +113,8 @@ class DiffuEraserModelLoader:
                 deltas = lora.lora_deltas(unet.module, lora.read_lora(lora_path), 1.0)
                 _LORA_DELTAS["pcm"] = (lkey, deltas)
             unet = with_weight_patches(unet, deltas, float(lora_strength))
-        return (DiffuEraserModels(unet=unet, brushnet=brush),)
+        # the LCM-like PCM LoRA is sampled with LCMScheduler, as the reference does (schedule.scheduler_for_lora)
+        return (DiffuEraserModels(unet=unet, brushnet=brush, scheduler=scheduler_for_lora(lora_path)),)
 
 
 class DiffuEraserProPainterLoader:

@@ -312,3 +312,20 @@ def test_bad_values_name_the_node(models):
         N["DiffuEraserPriorInjection"]().inject(models["vae"], images, 0, "ddim_inversion", 1.0, 960, 2)
     with pytest.raises(ModelFileError, match="DiffuEraser ProPainter Loader: model 'missing.pth' not found"):
         N["DiffuEraserProPainterLoader"]().load("missing.pth", "recurrent_flow_completion.pth", "ProPainter.pth")
+
+
+def test_lcm_like_lora_selects_the_lcm_scheduler(models):
+    # the reference samples pcm_sd15_lcmlike_lora_converted with LCMScheduler; the loader says so to the sampler
+    import shutil
+
+    folder = models["root"] / "diffueraser"
+    lcm_name = "pcm_sd15_lcmlike_lora_converted.safetensors"
+    shutil.copy(folder / "pcm_sd15_smallcfg_2step_converted.safetensors", folder / lcm_name)
+    loader = pack.NODE_CLASS_MAPPINGS["DiffuEraserModelLoader"]()
+    try:
+        (lcm,) = loader.load("diffuEraser/unet_main", "diffuEraser/brushnet", lcm_name, 1.0)
+        (tcd,) = loader.load("diffuEraser/unet_main", "diffuEraser/brushnet",
+                             "pcm_sd15_smallcfg_2step_converted.safetensors", 1.0)
+    finally:
+        (folder / lcm_name).unlink()
+    assert lcm.scheduler == "lcm" and tcd.scheduler == "tcd"

@@ -274,3 +274,28 @@ def test_dtype_option_reaches_the_runtime_and_defaults(tmp_path, models_dir, mon
     untouched = far_from(masks, 14)
     assert torch.equal(out[untouched], frames[untouched])
     assert (out[masks].float() - frames[masks].float()).abs().mean() > 1.0  # the hole was repainted
+
+
+def test_lcm_like_lora_is_sampled_with_lcm(tmp_path, models_dir, monkeypatch):
+    import shutil
+
+    from diffueraser_core import pipeline
+    from diffueraser_core.errors import InputError
+
+    lcm_lora = tmp_path / "pcm_sd15_lcmlike_lora_converted.safetensors"
+    shutil.copy(f"{models_dir}/diffueraser/pcm_sd15_smallcfg_2step_converted.safetensors", lcm_lora)
+    seen = []
+
+    def record(start, frames, masks, text, negative, models, codec, settings, runtime, conditioning=None):
+        seen.append((models.scheduler, settings.scheduler))
+        raise InputError("recorded")
+
+    monkeypatch.setattr(pipeline, "sample_video", record)
+    num, h, w = 2, 64, 64
+    write_video(str(tmp_path / "video"), make_clip(num, h, w))
+    write_masks(tmp_path / "mask", box_masks(num, h, w, 20, 20, 10))
+    opts = ["--models", models_dir, "--device", "cpu", *FAST, *FULL_SIZE_PRIOR, "--quiet"]
+    for extra in (["--lora", lcm_lora], [], ["--lora", lcm_lora, "--scheduler", "tcd"]):
+        code, log = run_cli([tmp_path / "video", tmp_path / "mask", tmp_path / "o", *opts, *extra])
+        assert code == 1 and "recorded" in log, log
+    assert seen == [("lcm", "auto"), ("tcd", "auto"), ("lcm", "tcd")]
