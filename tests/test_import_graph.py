@@ -92,7 +92,8 @@ def test_no_import_cycles_in_the_core():
 
 
 def test_each_stage_module_imports_alone_in_a_fresh_interpreter():
-    stages = ["schedule", "temporal_sampling", "prior_injection", "pre_inference", "pipeline", "prior_propainter"]
+    stages = ["schedule", "temporal_sampling", "prior_injection", "pre_inference", "pipeline", "prior_settings",
+              "prior_chunks", "prior_propainter"]
     code = "; ".join(
         ["import importlib, sys"]
         + [
