@@ -28,8 +28,9 @@ padded chunks, the neighbour/reference frame selection of the transformer, the u
 0.5/0.5 running average of overlapping transformer outputs.
 
 Deliberate differences: the prior is not round-tripped through an mp4 file (quirk 7) and is composited back at
-the input size instead of being written at the unrounded 0.6x size; transformer outputs are clamped to 0..255
-before the uint8 truncation (numpy's cast of out-of-range floats is undefined); flows and propagated frames are
+the input size instead of being written at the unrounded 0.6x size; transformer outputs are quantised in fp16
+in fp16 runs as the reference, in fp32 otherwise (``quantise_output``), clamped to 0..255 before the uint8
+truncation (numpy's cast of out-of-range floats is undefined); flows and propagated frames are
 stored in fp16 between stages also when computing in fp32 (the reference keeps fp32 on the CPU, fp16 on GPU);
 a 1-frame video runs as the frame repeated twice (the reference cannot compute flow for it).
 
@@ -192,7 +193,7 @@ def _transformer(video: _FlowGuidedVideo, work_masks, masks_in_of, writer, nets,
                 continue
             break
         del inputs
-        pred = ((pred.to(torch.float32) + 1) / 2 * 255).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        pred = quantise_output(pred, dtype).permute(0, 2, 3, 1)
         hole = work_masks[neighbor_ids].unsqueeze(-1)
         composite = torch.where(hole, pred, video.frames_at(neighbor_ids))
         for k, index in enumerate(neighbor_ids):
@@ -205,6 +206,19 @@ def _transformer(video: _FlowGuidedVideo, work_masks, masks_in_of, writer, nets,
         video.drop_read(first_frame=0 if ref_reach is None else following - max(stride, ref_reach),
                         first_pair=following - stride)
     writer.flush(n, force=True)
+
+
+def quantise_output(pred: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The transformer's [-1, 1] output -> uint8 as the reference: ``(x + 1) / 2`` then ``* 255``, truncated.
+
+    In an fp16 run every step is rounded to fp16, as the reference computes it (``(x + 1) / 2`` on the GPU in
+    fp16, then numpy's fp16 ``* 255``); otherwise (fp32, and bf16, which the reference never runs) in fp32.
+    Clamped to 0..255 before the truncation (numpy's cast of out-of-range values is undefined).
+    """
+    work = torch.float16 if dtype == torch.float16 else torch.float32
+    x = (pred.to(work) + 1) / 2
+    x = x * 255
+    return x.clamp_(0, 255).to(torch.uint8)
 
 
 def _transformer_step(inputs, local, size, nets, dtype) -> torch.Tensor:

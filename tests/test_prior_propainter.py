@@ -485,3 +485,22 @@ def test_cpu_memory_grows_only_by_frame_storage():
     growth = _peak_rss(300) - _peak_rss(60)
     bound = 240 * per_frame * 1.25 + 16 * 2**20
     assert growth < bound, f"peak RSS grew by {growth / 2**20:.1f} MiB, bound {bound / 2**20:.1f} MiB"
+
+
+def test_output_quantisation_follows_the_reference_in_fp16_and_fp32():
+    import numpy as np
+
+    from diffueraser_core.prior_propainter import quantise_output
+
+    gen = torch.Generator().manual_seed(0)
+    values = torch.rand((2, 3, 32, 48), generator=gen) * 2.2 - 1.1  # a little outside [-1, 1] too
+    half = values.to(torch.float16)
+    # the reference: (pred + 1) / 2 on the device in the run's dtype, then numpy's * 255 and astype(uint8)
+    ref16 = (((half + 1) / 2).numpy() * 255).clip(0, 255).astype(np.uint8)
+    ref32 = (((values + 1) / 2).numpy() * 255).clip(0, 255).astype(np.uint8)
+    assert np.array_equal(quantise_output(half, torch.float16).numpy(), ref16)
+    assert np.array_equal(quantise_output(values, torch.float32).numpy(), ref32)
+    # the same fp16 values quantised in fp32 (what bf16/fp32 runs do) differ by one level on a few percent
+    d = quantise_output(half, torch.float16).int() - quantise_output(half, torch.float32).int()
+    assert d.abs().max() == 1 and 0.01 < float((d != 0).float().mean()) < 0.2
+    assert quantise_output(half.to(torch.bfloat16), torch.bfloat16).dtype == torch.uint8
