@@ -22,6 +22,7 @@ from .errors import InputError
 from .prior_injection import InjectionSettings, StartLatents, inject_forward_noise, invert_prior
 from .pre_inference import run_pre_inference, should_pre_infer
 from .schedule import (
+    LATENT_CHANNELS,
     VAE_SCALING,
     SamplerStep,
     StepNoise,
@@ -296,7 +297,9 @@ def sample_video(
         timesteps = lcm_timesteps(settings.steps, start.strength)
         pairs = lcm_pairs(timesteps)
         seed = 0 if start.seed is None else int(start.seed)
-        step = SamplerStep("lcm", StepNoise(seed, (start.window_length, 4, *start.latent_hw)))
+        drawn = tuple(start.noise.shape) if start.noise is not None else (
+            start.window_length, LATENT_CHANNELS, *start.latent_hw)
+        step = SamplerStep("lcm", StepNoise(seed, drawn))
     else:
         timesteps = tcd_timesteps(settings.steps, start.strength)
         pairs = pairs_down(timesteps)
