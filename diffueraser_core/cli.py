@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     out = p.add_argument_group("output (checked before the input is read)")
     out.add_argument("--codec", default=None,
                      help=f"video codec (default {DEFAULT_CODEC}: plays everywhere); lossless/high depth: ffv1 "
-                          "(.mkv/.mov), prores_ks (.mov/.mkv), png (.mov/.mkv); also libx265, libvpx-vp9")
+                          "(.mkv), prores_ks (.mov/.mkv), png (.mov); also libx265, libvpx-vp9, qtrle")
     out.add_argument("--crf", type=int, default=None,
                      help=f"quality for libx264/libx265 (0..51) and libvpx-vp9 (0..63); default {DEFAULT_CRF}")
     out.add_argument("--pix-fmt", default=None,

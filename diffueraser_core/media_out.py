@@ -10,9 +10,9 @@ Defaults (``OutputOptions``):
   phones. 4:2:0 needs even sides: an odd-sized clip is refused before processing with the choices that keep its size
   (``--pix-fmt yuv444p``, ``--codec ffv1`` in .mkv, a PNG folder) rather than silently written in a format many
   players cannot show. mp4/mov are written with the index at the front (``faststart``).
-* **Lossless / high depth:** ``--codec ffv1`` (.mkv/.mov) defaults to RGB (bgr0, bgra, rgb48, rgba64 as the source
+* **Lossless / high depth:** ``--codec ffv1`` (.mkv) defaults to RGB (bgr0, bgra, rgb48, rgba64 as the source
   needs): bit-exact to the processed frames, at the source's depth and with its alpha. ``--codec prores_ks`` (.mov)
-  defaults to yuv422p10le, or yuva444p10le (4444) when the source has alpha. ``--codec png`` (.mov/.mkv) keeps
+  defaults to yuv422p10le, or yuva444p10le (4444) when the source has alpha. ``--codec png`` (.mov) keeps
   depth and alpha. PNG folders always keep the source's depth (16-bit PNG for sources above 8 bits) and alpha.
 * **match the input** (``--match-input``): the source's codec and pixel format when the container can hold them.
 * Colour: the source's range, matrix, primaries and transfer are tagged on the output, and RGB is converted back
@@ -53,9 +53,9 @@ DEFAULT_PIX_FMT = "yuv420p"
 #: video encoders each container accepts here
 CONTAINER_CODECS = {
     ".mp4": {"libx264", "libx265", "libvpx-vp9"},
-    ".m4v": {"libx264", "libx265"},
-    ".mov": {"libx264", "libx265", "prores_ks", "png", "ffv1", "qtrle"},
-    ".mkv": {"libx264", "libx265", "prores_ks", "png", "ffv1", "libvpx-vp9"},
+    ".m4v": {"libx264"},
+    ".mov": {"libx264", "libx265", "prores_ks", "png", "qtrle"},
+    ".mkv": {"libx264", "libx265", "prores_ks", "ffv1", "libvpx-vp9"},
 }
 WRITABLE_VIDEO_SUFFIXES = set(CONTAINER_CODECS)
 #: codecs whose quality is set by crf, and its range
@@ -63,7 +63,8 @@ CRF_CODECS = {"libx264": (0, 51), "libx265": (0, 51), "libvpx-vp9": (0, 63)}
 #: decoder name -> the encoder that writes it ("match the input")
 ENCODER_FOR = {"h264": "libx264", "hevc": "libx265", "prores": "prores_ks", "ffv1": "ffv1", "png": "png",
                "vp9": "libvpx-vp9", "libvpx-vp9": "libvpx-vp9", "qtrle": "qtrle"}
-#: audio codecs each container takes as they are (stream copy); Matroska takes any
+#: audio codecs each container takes as they are (stream copy); Matroska takes any. FFmpeg's mp4 muxer would take
+#: PCM too, but few players play PCM in mp4, so it is re-encoded to AAC there (.mov keeps it)
 AUDIO_COPY = {
     ".mp4": {"aac", "mp3", "alac", "ac3", "eac3", "opus", "flac"},
     ".m4v": {"aac", "mp3", "alac", "ac3", "eac3"},
