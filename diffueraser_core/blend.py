@@ -256,7 +256,8 @@ def blend_images(
     num = int(images.shape[0])
     if gen.shape[0] != num:
         raise InputError(f"{node}: generated has {gen.shape[0]} frames but images has {num}")
-    holes = broadcast_masks(mask_to_bool(mask, node=node), num, tuple(images.shape[1:3]), node=node)
+    # kept at its own size (same aspect ratio): resized once, straight to the working size, in blend_video
+    holes = broadcast_masks(mask_to_bool(mask, node=node), num, tuple(images.shape[1:3]), node=node, resize=False)
     out = torch.empty(images.shape, dtype=images.dtype)
     for s in range(0, num, chunk):
         out[s : s + chunk] = blend_video(

@@ -490,8 +490,18 @@ def write_clip(
             tmp.unlink(missing_ok=True)
             raise
         return path
-    except PermissionError as exc:
+    except (OSError, _ffmpeg_error()) as exc:  # permissions, a full disk, an encoder refusing: one line
+        import av
+
+        if isinstance(exc, av.error.FFmpegError):
+            raise InputError(f"{node}: FFmpeg could not write '{path.name}': {exc}") from exc
         raise InputError(f"{node}: cannot write the output '{path}': {exc.strerror or exc}") from exc
+
+
+def _ffmpeg_error():
+    import av
+
+    return av.error.FFmpegError
 
 
 def constant_rate_info(count: int, fps, path: Optional[Path] = None, node: str = "DiffuEraser",

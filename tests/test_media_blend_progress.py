@@ -66,3 +66,9 @@ def test_progress_bars_on_a_terminal_and_plain_lines_elsewhere():
     quiet = io.StringIO()
     _ProgressPrinter(FakeTerminal(), quiet=True)("prior", 1, 1)
     assert quiet.getvalue() == ""
+
+
+def test_blend_mask_of_another_aspect_ratio_is_refused():
+    images = torch.rand(1, 64, 64, 3)
+    with pytest.raises(InputError, match="another aspect ratio"):
+        blend_images(images, images, torch.ones(1, 32, 64))
