@@ -261,6 +261,28 @@ def _index_truncation(container, path: Path) -> Optional[str]:
     return None
 
 
+def _alpha_decoder(stream):
+    """VP9 keeps alpha in side data that FFmpeg's own decoder skips; libvpx's decoder reads it (WebM/MKV mark such
+    streams with ``alpha_mode=1``). None when the stream's default decoder is right."""
+    import av
+
+    if stream.codec_context.name != "vp9" or str(stream.metadata.get("alpha_mode", "0")) != "1":
+        return None
+    if "libvpx-vp9" not in av.codecs_available:
+        log.warning("VP9 stream with alpha but no libvpx-vp9 decoder in this FFmpeg: the alpha channel is not read")
+        return None
+    decoder = av.CodecContext.create("libvpx-vp9", "r")
+    decoder.extradata = stream.codec_context.extradata
+    return decoder
+
+
+def _timed(frames, stream):
+    for frame in frames:
+        if frame.time_base is None:
+            frame.time_base = stream.time_base
+        yield frame
+
+
 def _format_depth_alpha(fmt) -> Tuple[int, bool]:
     components = list(fmt.components)
     depth = max((c.bits for c in components), default=8)
@@ -321,13 +343,20 @@ def decode_video(path: Path, node: str, limit: Optional[int] = None, keep_origin
         audio_streams = [] if (limit is not None or mask_mode) else list(container.streams.audio)
         audio_packets = {s.index: 0 for s in audio_streams}
 
+        decoder = _alpha_decoder(stream)
+
         def video_frames():
             for packet in container.demux(stream, *audio_streams):
                 if packet.stream.type != "video":
                     if packet.size:
                         audio_packets[packet.stream.index] += 1
                     continue
-                yield from packet.decode()
+                if decoder is None:
+                    yield from packet.decode()
+                elif packet.size:
+                    yield from _timed(decoder.decode(packet), stream)
+            if decoder is not None:
+                yield from _timed(decoder.decode(None), stream)
 
         try:
             for frame in video_frames():
@@ -385,7 +414,11 @@ def decode_video(path: Path, node: str, limit: Optional[int] = None, keep_origin
         )
     info.height, info.width = int(result.shape[1]), int(result.shape[2])
     info.pts = _clean_pts(pts, info, node)
-    return info, result, original.result() if original is not None else None
+    kept = original.result() if original is not None else None
+    if kept is not None and info.codec == "gif" and kept.dtype == torch.uint8 and bool((kept[..., 3] == 255).all()):
+        # GIF decodes to BGRA even when nothing is transparent: no alpha to keep, nothing to warn about
+        info.has_alpha, kept = False, None
+    return info, result, kept
 
 
 def _clean_pts(pts: List[Optional[int]], info: ClipInfo, node: str) -> List[int]:

@@ -253,9 +253,8 @@ def choose_encoding(target: OutputTarget, info: ClipInfo, node: str = "DiffuEras
     pix_fmt = pix_fmt or _default_pix_fmt(codec, info.bit_depth, info.has_alpha)
     depth, alpha, fmt = _format_depth_alpha(pix_fmt)
     if info.bit_depth > depth:
-        log.warning("%s: the source has %d bits per sample but %s %s keeps %d; use --match-input, --codec ffv1 "
-                    "(.mkv), --codec prores_ks (.mov) or a PNG folder to keep them", node, info.bit_depth, codec,
-                    pix_fmt, depth)
+        log.warning("%s: the source has %d bits per sample but %s %s keeps %d; --codec ffv1 (.mkv) or a PNG "
+                    "folder keeps them", node, info.bit_depth, codec, pix_fmt, depth)
     if info.has_alpha and not alpha:
         log.warning("%s: the source has an alpha channel that %s %s cannot hold; it is dropped (use --match-input, "
                     "--codec prores_ks/png/ffv1 in .mov/.mkv, or a PNG folder to keep it)", node, codec, pix_fmt)

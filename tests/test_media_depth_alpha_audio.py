@@ -146,3 +146,24 @@ def test_other_codecs_write_their_default_formats(tmp_path, codec, suffix, pix_f
     assert back.frames.shape == clip.frames.shape
     with av.open(str(out)) as container:
         assert container.streams.video[0].codec_context.pix_fmt == pix_fmt
+
+
+@pytest.mark.parametrize("codec,pix_fmt,suffix,depth,alpha", [
+    ("libx264", "yuv420p", ".mp4", 8, False),
+    ("libx265", "yuv420p10le", ".mp4", 10, False),
+    ("libvpx-vp9", "yuv420p", ".mkv", 8, False),
+    ("libvpx-vp9", "yuva420p", ".mkv", 8, True),
+    ("gif", "rgb8", ".gif", 8, False),
+    ("prores_ks", "yuv422p10le", ".mov", 10, False),
+])
+def test_every_source_codec_reads_every_frame_with_its_depth_and_alpha(tmp_path, codec, pix_fmt, suffix, depth, alpha):
+    frames = pattern(6, depth=16 if depth > 8 else 8, alpha=alpha)
+    options = {"x265-params": "log-level=error"} if codec == "libx265" else None
+    clip = read_clip(write_media(tmp_path / f"in{suffix}", frames, codec=codec, pix_fmt=pix_fmt, fps=10,
+                                 options=options))
+    assert clip.frames.shape == (6, H, W, 3) and clip.info.has_alpha == alpha
+    assert clip.info.bit_depth >= depth
+    assert (clip.original is not None) == (depth > 8 or alpha)
+    eight = frames if frames.dtype == np.uint8 else (frames.astype(np.uint32) * 255 + 32767) // 65535
+    tolerance = 40 if codec == "gif" else 8  # GIF: a 256-colour palette
+    assert np.abs(clip.frames.numpy().astype(int) - eight[..., :3].astype(int)).mean() < tolerance
