@@ -57,6 +57,19 @@ def mask_from_array(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array > MASK_FILE_THRESHOLD))
 
 
+def warn_if_guessed(array: np.ndarray, where: str, node: str) -> None:
+    """A warning when the convention had to choose: an alpha channel that is used while the colour also draws a
+    different shape."""
+    array = to_uint8(array)
+    if array.ndim != 3 or array.shape[2] != 4 or not bool((array[:, :, 3] != 255).any()):
+        return
+    by_alpha = array[:, :, 3] > MASK_FILE_THRESHOLD
+    by_colour = array[:, :, :3].max(axis=2) > MASK_FILE_THRESHOLD
+    if by_colour.any() and not by_colour.all() and (by_colour != by_alpha).any():
+        log.warning("%s: mask %s has both an alpha channel and a coloured shape that differ; the alpha is used "
+                    "(opaque = remove, transparent = keep, colour ignored)", node, where)
+
+
 def check_aspect(mask_hw, video_hw, where: str, node: str) -> None:
     mh, mw = int(mask_hw[0]), int(mask_hw[1])
     vh, vw = int(video_hw[0]), int(video_hw[1])
@@ -123,6 +136,8 @@ def read_masks_for(path: PathLike, video: ClipInfo, node: str = "DiffuEraser") -
             if loaded and tuple(hole.shape) != tuple(next(iter(loaded.values())).shape):
                 raise InputError(f"{node}: mask '{seq.files[k].name}' has another size than the first mask")
             check_aspect(hole.shape, video_hw, f"'{seq.files[k].name}'", node)
+            if not loaded:
+                warn_if_guessed(read_image_array(seq.files[k], node), f"'{seq.files[k].name}'", node)
             loaded[k] = hole
         out = torch.stack([loaded[k] for k in indices]) if len(wanted) > 1 else loaded[wanted[0]].unsqueeze(0).expand(
             len(indices), *loaded[wanted[0]].shape)
@@ -132,6 +147,7 @@ def read_masks_for(path: PathLike, video: ClipInfo, node: str = "DiffuEraser") -
     indices = mask_frame_indices(video, info, node)
     source = original if original is not None else frames
     check_aspect(source.shape[1:3], video_hw, f"'{path.name}'", node)
+    warn_if_guessed(source[0].numpy(), f"'{path.name}'", node)
     holes = {k: mask_from_array(source[k].numpy()) for k in sorted(set(indices))}
     return torch.stack([holes[k] for k in indices])
 

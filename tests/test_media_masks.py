@@ -44,7 +44,7 @@ def test_colour_masks_on_black_are_read_whatever_the_channel(tmp_path, video, co
     assert masks.shape == (6, H, W) and all(torch.equal(m, expected_box()) for m in masks)
 
 
-def test_alpha_only_mask_and_rgba_on_white_transparent_background(tmp_path, video):
+def test_alpha_only_mask_and_rgba_on_white_transparent_background(tmp_path, video, caplog):
     alpha_only = np.zeros((H, W, 4), np.uint8)  # black everywhere, the shape only in alpha
     alpha_only[..., 3][BOX] = 255
     assert torch.equal(read_masks_for(png(tmp_path / "a.png", alpha_only), video)[0], expected_box())
@@ -53,9 +53,12 @@ def test_alpha_only_mask_and_rgba_on_white_transparent_background(tmp_path, vide
     on_white[..., 3][BOX] = 255
     masks = read_masks_for(png(tmp_path / "w.png", on_white), video)
     assert torch.equal(masks[0], expected_box())  # not 100 %
+    assert "alpha is used" not in caplog.text  # nothing to guess: the colour draws no other shape
     black_shape = on_white.copy()
-    black_shape[..., :3][BOX] = 0  # a black opaque shape: alpha still decides
-    assert torch.equal(read_masks_for(png(tmp_path / "b.png", black_shape), video)[0], expected_box())
+    black_shape[..., :3][BOX] = 0  # a black opaque shape: alpha still decides, and says it had to choose
+    with caplog.at_level(logging.WARNING):
+        assert torch.equal(read_masks_for(png(tmp_path / "b.png", black_shape), video)[0], expected_box())
+    assert "alpha is used" in caplog.text
     opaque = np.zeros((H, W, 4), np.uint8)  # fully opaque RGBA: the colour decides
     opaque[..., 3] = 255
     opaque[..., 0][BOX] = 255
