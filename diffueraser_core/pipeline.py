@@ -403,7 +403,6 @@ def remove_objects(
     RGB); the result is composited into it in place and returned, so untouched pixels keep every bit. Masks may be
     at another size than the frames (same aspect ratio): each stage resizes them once to its own size.
     """
-    from .masks import resize_masks_nearest
     from .prior_propainter import run_propainter_prior
     from .video import working_size
 
@@ -423,14 +422,12 @@ def remove_objects(
     # validate the working size before the (long) prior stage
     work_h, work_w = working_size(height, width, max_side)
     prior_settings = _propainter_settings(propainter_settings, sampler_settings.mask_dilation)
-    # the prior composites at the frames' size: one nearest resize there from the mask's own size
-    prior_masks = resize_masks_nearest(masks, (height, width))
+    # masks at their own size: the prior resizes them once to its working size and once to the frames' size
     if prior_only:
-        prior = run_propainter_prior(frames, prior_masks, propainter_nets, prior_settings, runtime).frames
+        prior = run_propainter_prior(frames, masks, propainter_nets, prior_settings, runtime).frames
         return prior if original is None else _into_original(prior, frames, original)
     encoder = _PriorLatentSink(num, (work_h, work_w), codec, runtime)
-    run_propainter_prior(frames, prior_masks, propainter_nets, prior_settings, runtime, sink=encoder)
-    del prior_masks
+    run_propainter_prior(frames, masks, propainter_nets, prior_settings, runtime, sink=encoder)
     prior_latent = encoder.result()
     del encoder
     latent_hw = (work_h // 8, work_w // 8)

@@ -161,3 +161,28 @@ def test_masks_are_resized_once_straight_to_the_working_size():
     assert not torch.equal(cond.masked_latents, ref_twice.masked_latents)
     blend_mask = prepare_blend_masks(native, work, 0, video_hw)
     assert torch.equal(blend_mask, prepare_blend_masks(once, work, 0, video_hw))
+
+
+def test_the_prior_resizes_a_mask_once_from_its_own_size():
+    """Issue 15 item 7 for the ProPainter stage: a 3x mask goes straight to the prior's working size. With one
+    resize this mask's only pixel vanishes there (no network runs); through the video size first it would not."""
+    from diffueraser_core.prior_propainter import ProPainterNets, ProPainterSettings, run_propainter_prior
+    from diffueraser_core.runtime import StandaloneRuntime
+
+    class Forbidden:
+        def acquire(self, *args, **kwargs):
+            raise AssertionError("a network was used")
+
+        def release(self):
+            pass
+
+    frames = torch.from_numpy(pattern(3, 128, 128))
+    native = torch.zeros(3, 384, 384, dtype=torch.bool)
+    native[:, 100, 100] = True  # sampled by nearest 384 -> 128 -> 64 (rows 6i+4), not by 384 -> 64 (rows 6i+3)
+    settings = ProPainterSettings(resize_ratio=0.5)
+    nets = ProPainterNets(Forbidden(), Forbidden(), Forbidden())
+    result = run_propainter_prior(frames, native, nets, settings, StandaloneRuntime("cpu"))
+    assert torch.equal(result.masks, resize_masks_nearest(native, (128, 128)))
+    assert bool(result.masks.any())
+    with pytest.raises(AssertionError, match="a network was used"):
+        run_propainter_prior(frames, resize_masks_nearest(native, (128, 128)), nets, settings, StandaloneRuntime("cpu"))
