@@ -330,6 +330,9 @@ def write_clip(
         raise InputError(f"{node}: internal error, {len(info.pts)} timestamps for {frames.shape[0]} frames")
     info = replace(info, height=int(frames.shape[1]), width=int(frames.shape[2]))
     path = target.path
+    if target.kind != "video" and info.audio and info.kind == "video":
+        log.warning("%s: '%s' holds no audio; the source's %d audio stream(s) are not written (use a video file "
+                    "name to keep them)", node, path.name, len(info.audio))
     try:
         if target.kind == "folder":
             keep_full = target.options.pix_fmt not in ("rgb24",)

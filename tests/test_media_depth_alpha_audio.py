@@ -128,6 +128,10 @@ def test_pcm_audio_is_copied_into_mov_and_reencoded_with_a_warning_for_mp4(tmp_p
     assert stream_info(out)["audio"] == ["aac"] and "re-encoding it to AAC" in caplog.text
     out = write_clip(target(tmp_path / "out.mkv"), clip.frames, clip.info)
     assert stream_info(out)["audio"] == ["pcm_s16le"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # a frame folder cannot hold audio: said, not silent
+        write_clip(target(tmp_path / "frames"), clip.frames, clip.info)
+    assert "audio stream(s) are not written" in caplog.text
 
 
 def test_aac_audio_is_stream_copied_into_mp4(tmp_path):
