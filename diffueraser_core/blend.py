@@ -28,9 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
-from .masks import DEFAULT_MASK_DILATION, prepare_diffueraser_masks, resize_masks_nearest
+from .masks import DEFAULT_MASK_DILATION, prepare_diffueraser_masks, resize_masks_nearest, same_aspect
 from .video import FRAME_CHUNK, resize_frames
 
+#: sample types the composite writes into (8-bit, 16-bit high-depth originals, ComfyUI float IMAGEs)
+BLEND_DTYPES = (torch.uint8, torch.uint16, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: reference feather kernel size (``cv2.GaussianBlur(mask, (21, 21), 0)``)
 DEFAULT_FEATHER = 21
 
@@ -103,17 +105,31 @@ def blend_weights(masks: torch.Tensor, feather: int = DEFAULT_FEATHER) -> torch.
 
 
 def _composite(original: torch.Tensor, generated: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """``generated`` (uint8 RGB) over ``original`` of any depth: uint8, uint16 (0..65535) or float (0..1, values
+    outside kept). Extra channels of ``original`` (alpha) are copied; weight 0 copies the original pixel bit for bit
+    (not through float arithmetic)."""
     a = alpha.unsqueeze(-1)
-    mixed = generated.to(torch.float32) * a + original.to(torch.float32) * (1.0 - a)
-    mixed = mixed.round_().clamp_(0, 255).to(torch.uint8)
-    # Weight 0: the original pixel, bit for bit (not through float arithmetic).
-    return torch.where(a > 0, mixed, original)
+    base = original[..., :3]
+    if original.is_floating_point():
+        scale, top = 1.0 / 255.0, None
+    else:
+        top = float(torch.iinfo(original.dtype).max)
+        scale = top / 255.0
+    mixed = generated.to(torch.float32) * scale * a + base.to(torch.float32) * (1.0 - a)
+    if top is not None:
+        mixed = mixed.round_().clamp_(0, top)
+    rgb = torch.where(a > 0, mixed.to(original.dtype), base)
+    if original.shape[-1] == 3:
+        return rgb
+    return torch.cat([rgb, original[..., 3:]], dim=-1)
 
 
-def _check_inputs(original: torch.Tensor, generated: torch.Tensor, masks: torch.Tensor, node: str) -> None:
-    if original.dtype != torch.uint8 or original.dim() != 4 or original.shape[-1] != 3:
+def _check_inputs(original: torch.Tensor, generated: torch.Tensor, masks: torch.Tensor, node: str,
+                  mask_size_free: bool = False) -> None:
+    if original.dtype not in BLEND_DTYPES or original.dim() != 4 or original.shape[-1] not in (3, 4):
         raise InputError(
-            f"{node}: original frames must be uint8 [T,H,W,3], got {tuple(original.shape)} {original.dtype}"
+            f"{node}: original frames must be uint8/uint16/float [T,H,W,3|4], got {tuple(original.shape)} "
+            f"{original.dtype}"
         )
     if generated.dtype != torch.uint8 or generated.dim() != 4 or generated.shape[-1] != 3:
         raise InputError(
@@ -126,9 +142,11 @@ def _check_inputs(original: torch.Tensor, generated: torch.Tensor, masks: torch.
         raise InputError(
             f"{node}: frame counts differ: original {t}, generated {generated.shape[0]}, masks {masks.shape[0]}"
         )
-    if tuple(masks.shape[1:]) != tuple(original.shape[1:3]):
+    same = tuple(masks.shape[1:]) == tuple(original.shape[1:3])
+    if not same and not (mask_size_free and same_aspect(tuple(masks.shape[1:]), tuple(original.shape[1:3]))):
         raise InputError(
             f"{node}: masks are {tuple(masks.shape[1:])} but the original frames are {tuple(original.shape[1:3])}"
+            + (" (another aspect ratio)" if mask_size_free else "")
         )
 
 
@@ -153,10 +171,12 @@ def blend_frames(
 
 
 def prepare_blend_masks(
-    masks: torch.Tensor, working_size: Tuple[int, int], mask_dilation: int = DEFAULT_MASK_DILATION
+    masks: torch.Tensor, working_size: Tuple[int, int], mask_dilation: int = DEFAULT_MASK_DILATION,
+    size: Optional[Tuple[int, int]] = None,
 ) -> torch.Tensor:
-    """Raw bool masks ``[N,H,W]`` -> the sampler's prepared masks brought back to ``[N,H,W]`` (nearest both ways)."""
-    size = tuple(masks.shape[1:])
+    """Raw bool masks ``[N,h,w]`` -> the sampler's prepared masks brought to ``size`` (default: the masks' own size;
+    nearest both ways)."""
+    size = tuple(size) if size is not None else tuple(masks.shape[1:])
     small = resize_masks_nearest(masks, working_size)
     prepared = prepare_diffueraser_masks(small, mask_dilation)
     return resize_masks_nearest(prepared, size)
@@ -173,13 +193,15 @@ def blend_video(
 ) -> torch.Tensor:
     """Composite ``generated`` (uint8 ``[T,h,w,3]``, working size) over ``original`` (uint8 ``[T,H,W,3]``).
 
-    ``masks`` are the raw (undilated) bool ``[T,H,W]`` masks at the original size; they are prepared like the
-    sampler prepares them at the generated size. Returns uint8 ``[T,H,W,3]``, written into ``out`` when given;
+    ``masks`` are the raw (undilated) bool masks, at the original size or at the mask file's own size (same aspect
+    ratio: resized once, nearest, straight to the generated size); they are prepared like the sampler prepares them
+    at the generated size. ``original`` may be uint8, uint16 (a high-depth source) or float, with an alpha channel
+    (copied); ``out`` has its dtype and shape. Returns uint8 ``[T,H,W,3]``, written into ``out`` when given;
     ``out`` may be ``original`` itself (each chunk is read before it is overwritten), which saves a full copy
     of the video.
     """
     node = "DiffuEraser Blend"
-    _check_inputs(original, generated, masks, node)
+    _check_inputs(original, generated, masks, node, mask_size_free=True)
     feather = check_feather(feather, node)
     if int(mask_dilation) != mask_dilation or mask_dilation < 0:
         raise InputError(f"{node}: mask dilation must be a non-negative integer, got {mask_dilation}")
@@ -190,10 +212,56 @@ def blend_video(
     if out is None:
         out = torch.empty_like(original)
     elif out.shape != original.shape or out.dtype != original.dtype:
-        raise InputError(f"{node}: out must be uint8 {tuple(original.shape)}, got {out.dtype} {tuple(out.shape)}")
+        raise InputError(
+            f"{node}: out must be {str(original.dtype).replace('torch.', '')} {tuple(original.shape)}, got "
+            f"{out.dtype} {tuple(out.shape)}"
+        )
     for s in range(0, original.shape[0], chunk):
-        prepared = prepare_blend_masks(masks[s : s + chunk], work, int(mask_dilation))
+        prepared = prepare_blend_masks(masks[s : s + chunk], work, int(mask_dilation), size)
         alpha = blend_weights(prepared, feather)
         gen = resize_frames(generated[s : s + chunk], size)
         out[s : s + chunk] = _composite(original[s : s + chunk], gen, alpha)
+    return out
+
+
+def blend_images(
+    images: torch.Tensor,
+    generated: torch.Tensor,
+    mask: torch.Tensor,
+    mask_dilation: int = DEFAULT_MASK_DILATION,
+    feather: int = DEFAULT_FEATHER,
+    node: str = "DiffuEraser Blend",
+    chunk: int = FRAME_CHUNK,
+) -> torch.Tensor:
+    """The Blend node: ComfyUI IMAGE ``images`` (float ``[T,H,W,C]``, C = 3 or 4) + ``generated`` IMAGE + MASK ->
+    IMAGE of ``images``' dtype and shape.
+
+    Pixels outside the feathered hole are ``images``' own values, bit for bit (no 8-bit rounding, values above 1 or
+    below 0 kept, alpha kept); inside, the generated frames (8-bit, resized to the original size) are mixed in float.
+    """
+    from .masks import broadcast_masks, mask_to_bool
+    from .video import image_to_uint8
+
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[-1] not in (1, 3, 4):
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise InputError(f"{node}: images must be an IMAGE [frames, height, width, 3|4], got {shape}")
+    if images.shape[-1] == 1:
+        images = images.expand(*images.shape[:3], 3)
+    if not images.is_floating_point():
+        raise InputError(f"{node}: images must be a float IMAGE, got {images.dtype}")
+    bad = sum(int((~torch.isfinite(images[s : s + chunk])).sum()) for s in range(0, images.shape[0], chunk))
+    if bad:
+        raise InputError(f"{node}: image contains {bad} NaN/inf values")
+    gen = image_to_uint8(generated, node=node)
+    num = int(images.shape[0])
+    if gen.shape[0] != num:
+        raise InputError(f"{node}: generated has {gen.shape[0]} frames but images has {num}")
+    # kept at its own size (same aspect ratio): resized once, straight to the working size, in blend_video
+    holes = broadcast_masks(mask_to_bool(mask, node=node), num, tuple(images.shape[1:3]), node=node, resize=False)
+    out = torch.empty(images.shape, dtype=images.dtype)
+    for s in range(0, num, chunk):
+        out[s : s + chunk] = blend_video(
+            images[s : s + chunk].cpu(), gen[s : s + chunk], holes[s : s + chunk], mask_dilation=mask_dilation,
+            feather=feather, chunk=chunk,
+        )
     return out

@@ -1,10 +1,10 @@
 """``python -m diffueraser_core remove VIDEO MASK OUTPUT [options]``: DiffuEraser without ComfyUI.
 
 VIDEO is a video file or a folder of frames; MASK a mask video, a folder of mask frames or a single image (used for
-every frame); OUTPUT a video file (frame count, size, fps and the input's audio kept) or a folder of PNG frames.
-Models come from a ComfyUI-style models folder (``--models``, see docs/architecture.md); nothing is downloaded.
-Progress goes to stderr, one line per stage step / window. Exit codes: 0 done, 1 bad input or model files,
-2 bad command line, 130 cancelled.
+every frame); OUTPUT a video file or a folder of PNG frames (what is kept: README, "Media: what goes in and what
+comes out"). The output is checked before anything is read. Models come from a ComfyUI-style models folder
+(``--models``, see docs/architecture.md); nothing is downloaded. Progress goes to stderr: one bar per stage on a
+terminal, plain lines otherwise. Exit codes: 0 done, 1 bad input or model files, 2 bad command line, 130 cancelled.
 """
 
 from __future__ import annotations
@@ -27,10 +27,28 @@ PROPAINTER_MODEL_KEYS = ("raft", "flow_completion", "propainter")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .media_out import DEFAULT_CODEC, DEFAULT_CRF, DEFAULT_PIX_FMT
+
     p = argparse.ArgumentParser(prog=PROG, description="Remove masked objects from a video with DiffuEraser.")
     p.add_argument("video", help="input video file or folder of frames")
-    p.add_argument("mask", help="mask video, folder of mask frames, or one mask image for every frame (white = remove)")
-    p.add_argument("output", help="output video file (.mp4/.mov/.mkv) or a folder for PNG frames")
+    p.add_argument("mask", help="mask video, folder of mask frames, or one mask image for every frame: opaque alpha, "
+                                "else any channel above 127 (white/red/...) = remove; README has the conventions")
+    p.add_argument("output", help="output video file (.mp4/.m4v/.mov/.mkv) or a folder (no suffix) for PNG frames; "
+                                  "never an input")
+    out = p.add_argument_group("output (checked before the input is read)")
+    out.add_argument("--codec", default=None,
+                     help=f"video codec (default {DEFAULT_CODEC}: plays everywhere); lossless/high depth: ffv1 "
+                          "(.mkv), prores_ks (.mov/.mkv), png (.mov); also libx265, libvpx-vp9, qtrle")
+    out.add_argument("--crf", type=int, default=None,
+                     help=f"quality for libx264/libx265 (0..51) and libvpx-vp9 (0..63); default {DEFAULT_CRF}")
+    out.add_argument("--pix-fmt", default=None,
+                     help=f"pixel format (default {DEFAULT_PIX_FMT} for libx264, which needs even sides; "
+                          "yuv444p keeps odd sizes; ffv1/png/prores default to the source's depth and alpha)")
+    out.add_argument("--match-input", action="store_true",
+                     help="use the input's codec and pixel format where the container allows (VFX intermediates)")
+    p.add_argument("--invert-mask", action="store_true", help="the mask marks what to keep: invert it")
+    p.add_argument("--allow-large-mask", action="store_true",
+                   help="accept a mask covering more than 90%% of the frame (otherwise refused as probably inverted)")
     p.add_argument("--models", default=None, help="ComfyUI models folder (default: $COMFYUI_MODELS_DIR or ./models)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0; the reference drew a random one)")
     p.add_argument("--steps", type=int, default=2, help="TCD steps, 1..50 (PCM LoRAs: 2, 4, 8, 16; default 2)")
@@ -70,16 +88,46 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _ProgressPrinter:
-    """One stderr line per progress report (a window, a chunk, a stage step)."""
+    """Progress reports (a window, a chunk, a stage step) on ``stream``: on a terminal one tqdm bar per stage with its
+    rate and ETA and the job's elapsed time; otherwise one plain line per report."""
 
     def __init__(self, stream, quiet: bool):
+        import time
+
         self.stream = stream
         self.quiet = quiet
+        self.started = time.monotonic()
+        isatty = getattr(stream, "isatty", None)
+        self.bars = bool(isatty and isatty())
+        self.bar = None
+        self.stage = None
 
     def __call__(self, stage, done, total, preview=None):
-        if not self.quiet:
+        if self.quiet:
+            return
+        if not self.bars:
             self.stream.write(f"[diffueraser] {stage}: {done}/{total}\n")
             self.stream.flush()
+            return
+        import time
+
+        from tqdm import tqdm
+
+        if stage != self.stage or self.bar is None or self.bar.total != total or done < self.bar.n:
+            self.close()
+            self.bar = tqdm(total=total, desc=f"[diffueraser] {stage}", file=self.stream, leave=True,
+                            dynamic_ncols=True, unit="step")
+            self.stage = stage
+        self.bar.set_postfix_str(f"job {time.monotonic() - self.started:.0f}s", refresh=False)
+        self.bar.update(max(0, done - self.bar.n))
+        if done >= total:
+            self.close()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+            self.stage = None
 
 
 def _default_models_dir() -> str:
@@ -172,7 +220,14 @@ def run(args, stream=None) -> None:
     from .prior_injection import InjectionSettings
     from .prior_propainter import ProPainterSettings
     from .runtime import StandaloneRuntime, dtype_from_name
-    from .video import read_masks, read_video, working_size, write_video
+    from .media_in import original_to_uint8, read_clip
+    from .media_masks import check_mask_coverage, read_masks_for
+    from .media_out import OutputOptions, check_output_target, choose_encoding, write_clip
+    from .video import working_size
+
+    # The output first: a wrong target must not cost a read of the input, let alone a run.
+    options = OutputOptions(codec=args.codec, crf=args.crf, pix_fmt=args.pix_fmt, match_input=args.match_input)
+    target = check_output_target(args.output, inputs=[args.video, args.mask], options=options, node=f"{PROG} OUTPUT")
 
     sampler = SamplerSettings(
         steps=args.steps,
@@ -200,21 +255,20 @@ def run(args, stream=None) -> None:
     propainter.validate()
     device = torch.device(args.device) if args.device else _auto_device()
     _check_device(device)
-    parent = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(parent):
-        from .errors import InputError
-
-        raise InputError(f"{PROG}: the folder of OUTPUT {args.output!r} does not exist: {parent!r}")
     models_dir = args.models or _default_models_dir()
     found = _check_models(models_dir, args.prior_only, args.lora)
 
-    video = read_video(args.video)
-    frames = video.frames
+    clip = read_clip(args.video, node=f"{PROG} VIDEO")
+    frames = clip.frames
     num, height, width = int(frames.shape[0]), int(frames.shape[1]), int(frames.shape[2])
     working_size(height, width, args.max_side, node=f"{PROG} {args.video!r}")
-    masks = read_masks(args.mask, num, (height, width))
+    choose_encoding(target, clip.info, node=f"{PROG} OUTPUT") if target.kind == "video" else None
+    masks = read_masks_for(args.mask, clip.info, node=f"{PROG} MASK")
+    if args.invert_mask:
+        masks = ~masks
+    check_mask_coverage(masks, f"{PROG} MASK {args.mask!r}", allow_large=args.allow_large_mask)
     printer = _ProgressPrinter(stream or sys.stderr, args.quiet)
-    printer(f"read {num} frames {width}x{height} at {float(video.fps):g} fps", 1, 1)
+    printer(f"read {num} frames {width}x{height} at {float(clip.fps):g} fps", 1, 1)
 
     runtime = StandaloneRuntime(device=device, dtype=dtype_from_name(args.dtype, device), progress_callback=printer)
     nets = _load_propainter(found, runtime)
@@ -236,9 +290,11 @@ def run(args, stream=None) -> None:
         prior_only=args.prior_only,
         # The input is not needed afterwards: blending into it keeps a single full-size copy of the video.
         output=frames,
+        original=clip.original,
     )
-    audio_from = args.video if getattr(video, "has_audio", False) else None
-    write_video(args.output, out, video.fps, audio_from=audio_from)
+    if clip.original is not None:
+        out = original_to_uint8(clip.original, out=frames)
+    write_clip(target, out, clip.info, original=clip.original, node=f"{PROG} OUTPUT", progress=printer)
     printer(f"wrote {args.output}", 1, 1)
 
 

@@ -51,7 +51,7 @@ def main(argv=None) -> int:
 
     from . import cli
     from .random_weights import make_models_folder
-    from .video import write_video
+    from .media_out import write_video
 
     out = os.path.abspath(args.directory)
     os.makedirs(out, exist_ok=True)

@@ -126,10 +126,20 @@ def resize_masks_nearest(masks: torch.Tensor, size: Tuple[int, int]) -> torch.Te
     return out
 
 
+def same_aspect(a_hw: Tuple[int, int], b_hw: Tuple[int, int]) -> bool:
+    """Whether two sizes ``(h, w)`` have the same aspect ratio, up to a pixel (or 1 %) of rounding."""
+    ah, aw = int(a_hw[0]), int(a_hw[1])
+    bh, bw = int(b_hw[0]), int(b_hw[1])
+    off_h = abs(aw * bh / bw - ah) > max(1.0, 0.01 * ah)
+    off_w = abs(ah * bw / bh - aw) > max(1.0, 0.01 * aw)
+    return not (off_h and off_w)
+
+
 def broadcast_masks(
-    masks: torch.Tensor, num_frames: int, size: Tuple[int, int], node: str = "DiffuEraser"
+    masks: torch.Tensor, num_frames: int, size: Tuple[int, int], node: str = "DiffuEraser", resize: bool = True
 ) -> torch.Tensor:
-    """Make bool masks match a video: one mask -> every frame; another size -> nearest resize (logged).
+    """Make bool masks match a video: one mask -> every frame; another size -> nearest resize (logged), or kept at
+    its own size when ``resize`` is False (the stages then resize it once, straight to their own sizes).
 
     Any other frame-count mismatch is an error quoting both counts.
     """
@@ -141,7 +151,7 @@ def broadcast_masks(
             "give one mask per frame or a single mask for all frames"
         )
     h, w = int(size[0]), int(size[1])
-    if tuple(masks.shape[1:]) != (h, w):
+    if resize and tuple(masks.shape[1:]) != (h, w):
         log.info(
             "%s: resizing masks from %dx%d to the video size %dx%d (nearest)",
             node,
@@ -152,7 +162,7 @@ def broadcast_masks(
         )
         masks = resize_masks_nearest(masks, (h, w))
     if count == 1 and num_frames != 1:
-        masks = masks.expand(num_frames, h, w)
+        masks = masks.expand(num_frames, *masks.shape[1:])
     return masks.contiguous()
 
 

@@ -254,7 +254,8 @@ class _PriorLatentSink:
 
 
 def prepare_sampling_inputs(frames, masks, where: str = "DiffuEraser Sampler"):
-    """Validated uint8 frames and bool masks broadcast to the frames (single mask -> all, other size -> resized)."""
+    """Validated uint8 frames and bool masks broadcast to the frames' count (single mask -> all). A mask of another
+    size is kept at its size: each stage resizes it once, straight to the size it works at (as the reference)."""
     from .masks import broadcast_masks
 
     _check_video(frames, where)
@@ -262,7 +263,7 @@ def prepare_sampling_inputs(frames, masks, where: str = "DiffuEraser Sampler"):
         raise InputError(f"{where}: masks must be a bool tensor [T,H,W], got {getattr(masks, 'dtype', type(masks))}")
     if masks.dim() == 2:
         masks = masks.unsqueeze(0)
-    return broadcast_masks(masks, frames.shape[0], (frames.shape[1], frames.shape[2]), where)
+    return broadcast_masks(masks, frames.shape[0], (frames.shape[1], frames.shape[2]), where, resize=False)
 
 
 def sample_video(
@@ -344,15 +345,21 @@ def decode_and_blend(
     mask_dilation: int = 8,
     feather: int = DEFAULT_FEATHER,
     out: Optional[torch.Tensor] = None,
+    original: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Decode raw latents and composite them over the original frames chunk by chunk.
 
     The generated video never exists whole: each decoded chunk is blended at once into ``out`` (which may be
-    ``frames`` itself), so the host holds the input, its latents and one chunk.
+    ``frames`` itself), so the host holds the input, its latents and one chunk. ``original``: the frames to
+    composite into when the source has more than 8-bit RGB (uint16 and/or an alpha channel); the result is written
+    into it in place and returned, untouched pixels keeping every bit.
     """
     from .blend import blend_video
 
     num = int(latents.shape[0])
+    base = frames
+    if original is not None:
+        base = out = original
     if out is None:
         out = torch.empty_like(frames)
     for start in range(0, num, FRAME_CHUNK):
@@ -360,7 +367,7 @@ def decode_and_blend(
         generated = codec.decode(latents[start:stop])
         runtime.progress("decode", stop, num)
         blend_video(
-            frames[start:stop], generated, masks[start:stop], mask_dilation=mask_dilation, feather=feather,
+            base[start:stop], generated, masks[start:stop], mask_dilation=mask_dilation, feather=feather,
             out=out[start:stop],
         )
         runtime.progress("blend", stop, num)
@@ -381,6 +388,18 @@ def _propainter_settings(settings, mask_dilation: int):
     return settings
 
 
+def _into_original(result: torch.Tensor, frames: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    """Pixels the 8-bit ``result`` changed relative to ``frames`` are written (scaled) into ``original``; the others
+    keep the original's bits. Used for the prior-only output, which ProPainter composites with a hard mask."""
+    for s in range(0, result.shape[0], FRAME_CHUNK):
+        part = original[s : s + FRAME_CHUNK]
+        changed = (result[s : s + FRAME_CHUNK] != frames[s : s + FRAME_CHUNK]).any(-1, keepdim=True)
+        scale = float(torch.iinfo(original.dtype).max) / 255.0
+        scaled = (result[s : s + FRAME_CHUNK].to(torch.float32) * scale).round_().to(original.dtype)
+        part[..., :3] = torch.where(changed, scaled, part[..., :3])
+    return original
+
+
 def remove_objects(
     frames: torch.Tensor,
     masks: torch.Tensor,
@@ -398,6 +417,7 @@ def remove_objects(
     feather: int = DEFAULT_FEATHER,
     prior_only: bool = False,
     output: Optional[torch.Tensor] = None,
+    original: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Whole DiffuEraser removal: uint8 ``[T,H,W,3]`` + bool masks (True = remove; one mask or one per frame) ->
     uint8 ``[T,H,W,3]`` with the input's frame count and size; pixels outside the blended mask are the input's.
@@ -405,6 +425,9 @@ def remove_objects(
     ``prior_only`` returns the ProPainter prior (composited inside its dilated mask) without diffusion.
     ``output``: where to write the result (uint8 ``[T,H,W,3]``); it may be ``frames`` itself when the caller no
     longer needs the input, so the run never holds a second full-size copy of the video.
+    ``original``: the source at full depth / with alpha (uint16 or uint8 ``[T,H,W,3|4]``, ``frames`` being its 8-bit
+    RGB); the result is composited into it in place and returned, so untouched pixels keep every bit. Masks may be
+    at another size than the frames (same aspect ratio): each stage resizes them once to its own size.
     """
     from .prior_propainter import run_propainter_prior
     from .video import working_size
@@ -417,14 +440,18 @@ def remove_objects(
     num, height, width = int(frames.shape[0]), int(frames.shape[1]), int(frames.shape[2])
     if not bool(masks.any()):
         log.info("%s: the mask is empty; returning the input unchanged", NODE)
+        if original is not None:
+            return original
         return frames if output is None else output.copy_(frames)
     if not prior_only and (models is None or codec is None or text_embeddings is None):
         raise InputError(f"{NODE}: the diffusion stage needs models, a VAE codec and text embeddings")
     # validate the working size before the (long) prior stage
     work_h, work_w = working_size(height, width, max_side)
     prior_settings = _propainter_settings(propainter_settings, sampler_settings.mask_dilation)
+    # masks at their own size: the prior resizes them once to its working size and once to the frames' size
     if prior_only:
-        return run_propainter_prior(frames, masks, propainter_nets, prior_settings, runtime).frames
+        prior = run_propainter_prior(frames, masks, propainter_nets, prior_settings, runtime).frames
+        return prior if original is None else _into_original(prior, frames, original)
     encoder = _PriorLatentSink(num, (work_h, work_w), codec, runtime)
     run_propainter_prior(frames, masks, propainter_nets, prior_settings, runtime, sink=encoder)
     prior_latent = encoder.result()
@@ -460,7 +487,7 @@ def remove_objects(
     del start, conditioning
     out = decode_and_blend(
         latents, frames, masks, codec, runtime, mask_dilation=sampler_settings.mask_dilation, feather=feather,
-        out=output,
+        out=output, original=original,
     )
     del latents
     if out.shape[0] != num:

@@ -48,7 +48,7 @@ from typing import Optional
 import torch
 
 from .errors import InputError
-from .masks import dilate_cross, resize_masks_nearest
+from .masks import dilate_cross, resize_masks_nearest, same_aspect
 from .prior_chunks import (  # noqa: F401  (re-exported for callers and tests)
     _acquire,
     _ChunkCursor,
@@ -257,12 +257,13 @@ def _check_inputs(frames: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
             f"{STAGE}: mask has {masks.shape[0]} frames but the video has {count}; "
             "give one mask per frame or a single mask for all frames"
         )
-    if tuple(masks.shape[1:]) != (height, width):
+    if tuple(masks.shape[1:]) != (height, width) and not same_aspect(tuple(masks.shape[1:]), (height, width)):
         raise InputError(
-            f"{STAGE}: masks are {masks.shape[2]}x{masks.shape[1]} but the frames are {width}x{height}; "
-            "resize the masks to the video size first"
+            f"{STAGE}: masks are {masks.shape[2]}x{masks.shape[1]} but the frames are {width}x{height}: another "
+            "aspect ratio; masks are not stretched"
         )
-    return masks.expand(count, height, width)
+    # a mask of another resolution stays at its size: resized once to each size the stage works at
+    return masks.expand(count, *masks.shape[1:])
 
 
 def run_propainter_prior(
@@ -292,8 +293,9 @@ def run_propainter_prior(
         runtime = StandaloneRuntime()
     settings = settings if settings is not None else ProPainterSettings()
     settings.validate()
-    masks = _check_inputs(frames, masks)
+    native = _check_inputs(frames, masks)
     count, height, width = frames.shape[:3]
+    masks = resize_masks_nearest(native, (height, width))  # the composite's size (no copy when it is the same)
     if not bool(masks.any()):
         if sink is None:
             return PriorResult(frames=frames, masks=masks.contiguous())
@@ -309,7 +311,7 @@ def run_propainter_prior(
         )
     if count == 1:
         # Flow needs a pair: run the frame twice (zero motion) and keep the first result.
-        pair_frames, pair_masks = frames.expand(2, height, width, 3), masks.expand(2, height, width)
+        pair_frames, pair_masks = frames.expand(2, height, width, 3), native.expand(2, *native.shape[1:])
         if sink is None:
             result = run_propainter_prior(pair_frames, pair_masks, nets, settings, runtime)
             return PriorResult(frames=result.frames[:1].clone(), masks=result.masks[:1].clone())
@@ -328,7 +330,7 @@ def run_propainter_prior(
         return resize_frames(frames[start:stop], (h, w), mode="bicubic")
 
     # the one whole-video tensor at the working size (bool, 1 byte a pixel): every stage reads it
-    work_masks = dilate_cross(resize_masks_nearest(masks, (h, w)), settings.mask_dilation)
+    work_masks = dilate_cross(resize_masks_nearest(native, (h, w)), settings.mask_dilation)
     writer = _OutputWriter(frames, masks, work_masks, sink)
     if not bool(work_masks.any()):
         log.info("%s: the mask vanishes at the working size %dx%d; nothing for the networks to fill", STAGE, w, h)

@@ -146,15 +146,6 @@ class DiffuEraserBlend:
                    "feathered mask, as the reference's final blending.")
 
     def blend(self, images, generated, mask, mask_dilation, feather):
-        from diffueraser_core.blend import blend_video
+        from diffueraser_core.blend import blend_images
 
-        original = frames_from_image(images, self.NODE)
-        gen = frames_from_image(generated, self.NODE)
-        if gen.shape[0] != original.shape[0]:
-            raise InputError(
-                f"{self.NODE}: generated has {gen.shape[0]} frames but images has {original.shape[0]}"
-            )
-        holes = masks_for_video(mask, original.shape[0], tuple(original.shape[1:3]), self.NODE)
-        # original is this node's own uint8 conversion: blend into it instead of a second full-size buffer
-        out = blend_video(original, gen, holes, mask_dilation=int(mask_dilation), feather=int(feather), out=original)
-        return (image_from_frames(out),)
+        return (blend_images(images, generated, mask, int(mask_dilation), int(feather), node=self.NODE),)

@@ -209,6 +209,7 @@ def test_an_rgb_image_as_mask_uses_its_luma():
 
 @pytest.mark.parametrize("channels", [1, 4], ids=["grayscale", "rgba"])
 def test_grayscale_and_rgba_images_are_used_as_rgb(channels):
+    """Gray is used as RGB; RGBA is blended on its RGB and its alpha comes back unchanged (issue 11)."""
     images, mask = clip_image()
     if channels == 1:
         given_images, rgb = images[..., :1], images[..., :1].expand(-1, -1, -1, 3)
@@ -217,7 +218,10 @@ def test_grayscale_and_rgba_images_are_used_as_rgb(channels):
         given_images, rgb = torch.cat([images, alpha], -1), images
     (out,) = run_node(BLEND, given_images, mask, generated=given_images)
     (expected,) = run_node(BLEND, rgb.contiguous(), mask, generated=rgb.contiguous())
-    assert out.shape == (3, 64, 64, 3) and torch.equal(out, expected)
+    assert out.shape == (3, 64, 64, 3 if channels == 1 else 4)
+    assert torch.equal(out[..., :3], expected)
+    if channels == 4:
+        assert torch.equal(out[..., 3:], alpha)
 
 
 def test_an_empty_mask_returns_the_input_at_once():
@@ -456,7 +460,7 @@ def test_missing_model_folders_name_the_node_the_file_and_where_it_was_looked_fo
 
 def test_cli_names_a_missing_models_folder_and_missing_files(tmp_path, capsys):
     from diffueraser_core import cli
-    from diffueraser_core.video import write_video
+    from diffueraser_core.media_out import write_video
 
     frames, masks = make_clip(2, 64, 64)
     video = write_video(tmp_path / "in", frames)

@@ -429,7 +429,7 @@ def cli_inputs(tmp_path_factory):
     """A tiny models folder (diffusion networks as the official files; ProPainter as placeholders, served by the
     stand-ins) and a 6-frame video with its mask image."""
     from diffueraser_core.random_weights import make_models_folder
-    from diffueraser_core.video import write_video
+    from diffueraser_core.media_out import write_video
 
     root = tmp_path_factory.mktemp("cli")
     models = root / "models"

@@ -13,7 +13,8 @@ import torch
 
 from diffueraser_core.cli import main
 from diffueraser_core.random_weights import make_models_folder
-from diffueraser_core.video import read_video, write_video
+from diffueraser_core.media_in import read_video
+from diffueraser_core.media_out import write_video
 
 FAST = ["--raft-iter", "1", "--steps", "2"]
 # ProPainter needs 64 px after its 0.6x resize; small clips run it at full size

@@ -11,15 +11,15 @@ import torch
 
 from diffueraser_core import video
 from diffueraser_core.errors import InputError
+from diffueraser_core.media_in import read_video
+from diffueraser_core.media_masks import read_masks
+from diffueraser_core.media_out import write_video
 from diffueraser_core.video import (
     as_fps_fraction,
     image_to_uint8,
-    read_masks,
-    read_video,
     resize_frames,
     uint8_to_image,
     working_size,
-    write_video,
 )
 
 
@@ -156,9 +156,16 @@ def test_mp4_at_ntsc_rate_keeps_frame_count_and_exact_fps(tmp_path):
 
 
 @pytest.mark.parametrize("h,w", [(65, 67), (64, 67), (65, 64)])
-def test_odd_sizes_keep_their_size(tmp_path, h, w):
+def test_odd_sizes_are_refused_by_the_default_and_kept_with_yuv444p(tmp_path, h, w):
+    """4:2:0 H.264 (the default, plays everywhere) cannot hold odd sides: refused with the alternatives, never a
+    silently changed size or a High 4:4:4 file the user did not ask for."""
+    from diffueraser_core.media_out import OutputOptions
+
     frames = smooth_frames(4, h, w)
-    out = write_video(tmp_path / "odd.mp4", frames, 30)
+    with pytest.raises(InputError, match=r"odd side.*yuv444p.*ffv1.*PNG folder"):
+        write_video(tmp_path / "odd.mp4", frames, 30)
+    assert not (tmp_path / "odd.mp4").exists()
+    out = write_video(tmp_path / "odd.mp4", frames, 30, options=OutputOptions(pix_fmt="yuv444p"))
     data = read_video(out)
     assert data.frames.shape == (4, h, w, 3)
     with av.open(str(out)) as container:
