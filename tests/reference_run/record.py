@@ -234,6 +234,9 @@ def main(argv=None) -> int:
     (pre_prior, pre_noise), (main_prior, main_noise) = add_noise_inputs
     # prior latents of every frame: the main pass's input, with the keyframes' own prior latents put back
     keyframes = [int(i * (spec.NUM_FRAMES / spec.WINDOW_LENGTH)) for i in range(spec.WINDOW_LENGTH)]
+    # the reference's own choice: the frames whose mask it blanked for the main pass (every clip frame has a hole)
+    blanked = [i for i, m in enumerate(main_pass["masks"]) if not m.any()]
+    assert blanked == keyframes, (blanked, keyframes)
     prior_latents = main_prior.clone()
     prior_latents[keyframes] = pre_prior
     decoded = np.stack(main_pass["frames"])
