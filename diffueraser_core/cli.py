@@ -31,6 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("video", help="input video file or folder of frames")
     p.add_argument("mask", help="mask video, folder of mask frames, or one mask image for every frame (white = remove)")
     p.add_argument("output", help="output video file (.mp4/.mov/.mkv) or a folder for PNG frames")
+    add_run_options(p)
+    return p
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options of one removal (``remove`` and ``batch`` share them)."""
     p.add_argument("--models", default=None, help="ComfyUI models folder (default: $COMFYUI_MODELS_DIR or ./models)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0; the reference drew a random one)")
     p.add_argument("--steps", type=int, default=2, help="TCD steps, 1..50 (PCM LoRAs: 2, 4, 8, 16; default 2)")
@@ -60,7 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ProPainter reference frame stride (default 10)")
     p.add_argument("--resize-ratio", type=float, default=0.6, help="ProPainter working-size ratio (default 0.6)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
-    return p
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run on a Ray cluster (pip install .[distributed]): ADDRESS of its head (e.g. ray://host:10001 "
+                        "or host:6379), or nothing / 'local' for a local cluster; same result as without --ray. "
+                        "Put it after the positional arguments, or write --ray=ADDRESS")
+    p.add_argument("--ray-workers", type=int, default=None,
+                   help="Ray workers (default: one per GPU of the cluster; without GPUs, one per --ray-cpus-per-worker CPUs)")
+    p.add_argument("--ray-cpus-per-worker", type=int, default=1, help="CPUs (torch threads) per CPU-only Ray worker")
 
 
 class _ProgressPrinter:
@@ -120,6 +132,12 @@ def _check_models(models_dir: str, prior_only: bool, lora: Optional[str]) -> dic
 
 
 def _load_diffusion(found: dict, models_dir: str, args, runtime):
+    return load_diffusion_models(found, _resolve_lora(found, models_dir, args.lora), args.lora_strength, runtime)
+
+
+def load_diffusion_models(found: dict, lora_path: Optional[str], lora_strength: float, runtime):
+    """unet_main (+ PCM LoRA), BrushNet, the empty-prompt embedding and the VAE codec from resolved file paths
+    (also each Ray worker's loader, diffueraser_core/distributed.py)."""
     from .models.checkpoints import load_brushnet, load_unet_main, network_file_bytes
     from .models.sd15_components import encode_prompt, load_text_encoder, load_vae
     from .pipeline import DiffuEraserModels, DiffusersVaeCodec
@@ -130,12 +148,11 @@ def _load_diffusion(found: dict, models_dir: str, args, runtime):
         return runtime.placement_device(network_file_bytes(found[family], family, runtime.dtype))
 
     unet = load_unet_main(found["unet_main"], dtype=runtime.dtype, device=device_for("unet_main"))
-    lora_path = _resolve_lora(found, models_dir, args.lora)
     if lora_path is not None:
         from .models.lora import apply_lora, read_lora
 
-        apply_lora(unet, read_lora(lora_path), args.lora_strength)
-        log.info("PCM LoRA %s applied at strength %g", lora_path, args.lora_strength)
+        apply_lora(unet, read_lora(lora_path), lora_strength)
+        log.info("PCM LoRA %s applied at strength %g", lora_path, lora_strength)
     else:
         log.warning("no PCM LoRA: a few-step schedule without it gives poor results")
     brushnet = load_brushnet(found["brushnet"], dtype=runtime.dtype, device=device_for("brushnet"))
@@ -156,15 +173,11 @@ def _load_propainter(found: dict, runtime):
     return load_propainter_nets(None, runtime, found["raft"], found["flow_completion"], found["propainter"])
 
 
-def run(args, stream=None) -> None:
-    """Run one removal from parsed arguments; progress lines go to ``stream`` (default: the current stderr)."""
-    import torch
-
-    from .pipeline import SamplerSettings, remove_objects
+def settings_from_args(args):
+    """(SamplerSettings, InjectionSettings, ProPainterSettings) from parsed options, validated."""
+    from .pipeline import SamplerSettings
     from .prior_injection import InjectionSettings
     from .prior_propainter import ProPainterSettings
-    from .runtime import StandaloneRuntime
-    from .video import read_masks, read_video, working_size, write_video
 
     sampler = SamplerSettings(
         steps=args.steps,
@@ -189,48 +202,41 @@ def run(args, stream=None) -> None:
         raft_iter=args.raft_iter,
     )
     propainter.validate()
-    device = torch.device(args.device) if args.device else _auto_device()
-    _check_device(device)
-    parent = os.path.dirname(os.path.abspath(args.output))
+    return sampler, injection, propainter
+
+
+def check_output_folder(output: str, where: str = PROG) -> None:
+    parent = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(parent):
         from .errors import InputError
 
-        raise InputError(f"{PROG}: the folder of OUTPUT {args.output!r} does not exist: {parent!r}")
+        raise InputError(f"{where}: the folder of OUTPUT {output!r} does not exist: {parent!r}")
+
+
+def run(args, stream=None, engine=None) -> None:
+    """Run one removal from parsed arguments; progress lines go to ``stream`` (default: the current stderr).
+    ``engine`` (``jobs.LocalEngine`` / ``jobs.RayEngine``) reuses networks already loaded (tests, batch)."""
+    from .jobs import make_engine, read_shot, run_shot
+
+    settings = settings_from_args(args)
+    if getattr(args, "ray", None) is None:
+        import torch
+
+        _check_device(torch.device(args.device) if args.device else _auto_device())
+    check_output_folder(args.output)
     models_dir = args.models or _default_models_dir()
     found = _check_models(models_dir, args.prior_only, args.lora)
-
-    video = read_video(args.video)
-    frames = video.frames
-    num, height, width = int(frames.shape[0]), int(frames.shape[1]), int(frames.shape[2])
-    working_size(height, width, args.max_side, node=f"{PROG} {args.video!r}")
-    masks = read_masks(args.mask, num, (height, width))
     printer = _ProgressPrinter(stream or sys.stderr, args.quiet)
-    printer(f"read {num} frames {width}x{height} at {float(video.fps):g} fps", 1, 1)
-
-    runtime = StandaloneRuntime(device=device, progress_callback=printer)
-    nets = _load_propainter(found, runtime)
-    models = codec = text = None
-    if not args.prior_only:
-        models, codec, text = _load_diffusion(found, models_dir, args, runtime)
-    out = remove_objects(
-        frames,
-        masks,
-        propainter_nets=nets,
-        runtime=runtime,
-        models=models,
-        codec=codec,
-        text_embeddings=text,
-        sampler_settings=sampler,
-        injection_settings=injection,
-        propainter_settings=propainter,
-        max_side=args.max_side,
-        prior_only=args.prior_only,
-        # The input is not needed afterwards: blending into it keeps a single full-size copy of the video.
-        output=frames,
-    )
-    audio_from = args.video if getattr(video, "has_audio", False) else None
-    write_video(args.output, out, video.fps, audio_from=audio_from)
-    printer(f"wrote {args.output}", 1, 1)
+    shot = read_shot(args.video, args.mask, args.max_side, printer)
+    own_engine = engine is None
+    if own_engine:
+        engine = make_engine(args, found, models_dir, printer)
+    engine.set_printer(printer)
+    try:
+        run_shot(engine, shot, args.output, settings, args, printer)
+    finally:
+        if own_engine:
+            engine.close()
 
 
 def _check_device(device) -> None:
@@ -254,7 +260,7 @@ def _auto_device():
     return default_device()
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[List[str]] = None, engine=None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -263,7 +269,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        run(args)
+        run(args, engine=engine)
     except DiffuEraserError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1
