@@ -9,9 +9,9 @@ the same models folder paths and keep them. The driver (the process that runs th
 latents and hands out work, always by calling the single-process functions on an aligned sub-range, so the
 computation of every piece is the single-process computation:
 
-* **prior**: ``run_propainter_prior`` with its VAE-encoding sink on one worker (the prior's own chunks chain:
-  flow completion, propagation and the transformer read their neighbours' results through one streaming cursor,
-  so it is not split here; it is 7% of the FLOPs). Meanwhile the other workers build the BrushNet conditioning.
+* **prior**: ``run_propainter_prior`` on one worker (not split: see below); the finished prior frames it streams
+  out are VAE-encoded by the other workers in the same ``FRAME_CHUNK`` ranges as ``_PriorLatentSink``, while
+  they also build the BrushNet conditioning, which does not need the prior.
 * **conditioning**: ``build_conditioning`` on ranges of ``CONDITIONING_CHUNK`` frames (it works chunk by chunk
   on exactly those ranges, so each worker sees the single-process VAE batches).
 * **injection**: forward noise on the driver (seeded noise, cheap); DDIM inversion (not the reference default)
@@ -25,6 +25,14 @@ computation of every piece is the single-process computation:
   at 960x536).
 * **decode + blend**: ``decode_and_blend`` on ranges of ``FRAME_CHUNK`` frames; results are taken in frame order
   as they complete and handed to ``on_frames``.
+
+Why the prior is not split: its pieces are independent given their padded inputs (RAFT pairs, flow-completion
+chunks of ``subvideo_length`` pairs, propagation chunks, transformer steps given their neighbour and reference
+frames, after the one global pre-propagation pass), but ``run_propainter_prior`` pulls them through streaming
+cursors (``_FlowGuidedVideo``) that keep only a bounded band of flows and propagated frames. Splitting it bit for
+bit needs those intermediates moved between workers (fp16 flows and propagated frames, ~7 MB a frame at the
+768x432 prior size of a 720p clip) and every cursor's exact chunk boundaries reproduced (OOM halving included);
+that is the next step (bench/README.md, projection). The prior is 7% of a 720p run's FLOPs.
 
 Faults: workers are actors with ``max_restarts`` / ``max_task_retries``: a worker process that dies mid-task is
 restarted (reloading its networks) and its task re-run by Ray; every result is placed by its frame range, so no
@@ -46,15 +54,18 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from .errors import InputError
+from .pipeline import _PriorLatentSink
 
 log = logging.getLogger(__name__)
 
 NODE = "DiffuEraser (Ray)"
 INSTALL_HINT = "pip install 'comfyui-diffueraser[distributed]' (or: pip install ray)"
+#: prior chunks (FRAME_CHUNK frames each) in flight to the encoding workers per encoding worker
+ENCODES_IN_FLIGHT_PER_WORKER = 4
 #: how often Ray restarts a lost worker and re-runs its task before the run fails
 MAX_RESTARTS = 3
 #: stage names a test may ask a worker to crash in once (``PipelineWorker.inject_failure``)
-STAGES = ("prior", "conditioning", "pre-inference", "inversion", "sampling", "decode")
+STAGES = ("prior", "encode", "conditioning", "pre-inference", "inversion", "sampling", "decode")
 
 
 def import_ray():
@@ -117,7 +128,7 @@ class PipelineWorker:
         if spec.threads:
             torch.set_num_threads(int(spec.threads))
         self.spec = spec
-        self.fail_once: Optional[Tuple[str, str]] = None
+        self.fail_once: Dict[str, str] = {}
         device = torch.device(spec.device) if spec.device else default_device()
         self.runtime = StandaloneRuntime(device=device)
         self.nets = cli._load_propainter(spec.model_paths, self.runtime)
@@ -133,14 +144,14 @@ class PipelineWorker:
         constructor does not re-arm this) and re-runs the task."""
         if stage not in STAGES:
             raise InputError(f"{NODE}: inject_failure stage must be one of {STAGES}, got {stage!r}")
-        self.fail_once = (stage, marker)
+        self.fail_once[stage] = marker
 
     def _maybe_fail(self, stage: str) -> None:
-        fail = self.fail_once
-        if fail is None or fail[0] != stage:
+        marker = self.fail_once.get(stage)
+        if marker is None:
             return
         try:
-            os.remove(fail[1])  # only one worker wins the removal
+            os.remove(marker)  # only one worker wins the removal
         except FileNotFoundError:
             return
         log.warning("%s: injected failure: worker %d exits inside a %s task", NODE, os.getpid(), stage)
@@ -149,19 +160,33 @@ class PipelineWorker:
     def describe(self) -> str:
         return f"{os.uname().nodename} pid {os.getpid()} {self.runtime.device} {self.runtime.dtype}"
 
-    def prior_latent(self, frames, masks, settings, size):
-        from .pipeline import _PriorLatentSink
+    def prior_latent(self, frames, masks, settings, size, encoders=()):
+        """The prior's latent; its FRAME_CHUNK ranges are VAE-encoded by ``encoders`` (other workers) while the
+        prior goes on, or here when there are none."""
         from .prior_propainter import run_propainter_prior
 
         self._maybe_fail("prior")
-        sink = _PriorLatentSink(int(frames.shape[0]), size, self.codec, self.runtime)
+        frames, masks = _read_only_tensor(frames), _read_only_tensor(masks)
+        num = int(frames.shape[0])
+        if encoders:
+            sink = _RemoteEncodeSink(num, size, self.codec, self.runtime, list(encoders))
+        else:
+            sink = _PriorLatentSink(num, size, self.codec, self.runtime)
         run_propainter_prior(frames, masks, self.nets, settings, self.runtime, sink=sink)
         return sink.result()
+
+    def encode_frames(self, frames, size):
+        """One prior range of the sink: resized to the working size and encoded, as ``_PriorLatentSink``."""
+        from .video import resize_frames
+
+        self._maybe_fail("encode")
+        return self.codec.encode(resize_frames(frames, size))
 
     def prior_frames(self, frames, masks, settings):
         from .prior_propainter import run_propainter_prior
 
         self._maybe_fail("prior")
+        frames, masks = _read_only_tensor(frames), _read_only_tensor(masks)
         return run_propainter_prior(frames, masks, self.nets, settings, self.runtime).frames
 
     def conditioning(self, frames, masks, latent_hw, mask_dilation):
@@ -201,6 +226,46 @@ class PipelineWorker:
         self._maybe_fail("decode")
         return decode_and_blend(latents, frames, masks, self.codec, self.runtime, mask_dilation=mask_dilation,
                                 feather=feather)
+
+
+def _read_only_tensor(array) -> torch.Tensor:
+    """A tensor over a numpy array from Ray's object store without copying it (on the same machine the array is
+    shared memory, read-only; the prior only reads its input)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "The given NumPy array is not writable"
+        return torch.from_numpy(array)
+
+
+class _RemoteEncodeSink(_PriorLatentSink):
+    """``_PriorLatentSink`` whose FRAME_CHUNK ranges (the same ranges, so the same VAE batches) are encoded by
+    other workers, round robin, with a bounded number in flight; ``result`` collects them in order."""
+
+    def __init__(self, num, size, codec, runtime, encoders):
+        super().__init__(num, size, codec, runtime)
+        self.encoders = encoders
+        self.pending: List[Optional[tuple]] = []
+        self.collected = 0
+
+    def _encode(self, start, stop, frames):
+        worker = self.encoders[len(self.pending) % len(self.encoders)]
+        self.pending.append((start, stop, worker.encode_frames.remote(frames.clone(), self.size)))
+        while len(self.pending) - self.collected > ENCODES_IN_FLIGHT_PER_WORKER * len(self.encoders):
+            self._collect_one()
+
+    def _collect_one(self):
+        import ray
+
+        start, stop, ref = self.pending[self.collected]
+        self.latent[start:stop] = ray.get(ref)
+        self.pending[self.collected] = None
+        self.collected += 1
+
+    def result(self):
+        while self.collected < len(self.pending):
+            self._collect_one()
+        return super().result()
 
 
 class JobProgress:
@@ -368,21 +433,25 @@ class RayRemover:
         job = JobProgress(progress, {"prior": num, "conditioning": num, "pre-inference": window.window_length,
                                      "sampling": windows * window.window_length, "decode": num})
         first, others = self.workers[0], (self.workers[1:] or self.workers)
-        frames_ref, masks_ref = ray.put(frames), ray.put(masks)
+        # numpy: workers on this machine read the shared-memory copy without another copy of their own
+        frames_ref, masks_ref = ray.put(frames.numpy()), ray.put(masks.contiguous().numpy())
 
         if prior_only:
             out = ray.get(first.prior_frames.remote(frames_ref, masks_ref, prior_settings))
+            del frames_ref, masks_ref
             job("prior", num, num)
             if on_frames is not None:
                 for a in range(0, num, FRAME_CHUNK):
                     on_frames(a, min(a + FRAME_CHUNK, num), out[a:a + FRAME_CHUNK])
             return out if output is None else output.copy_(out)
 
-        prior_ref = first.prior_latent.remote(frames_ref, masks_ref, prior_settings, (work_h, work_w))
+        prior_ref = first.prior_latent.remote(frames_ref, masks_ref, prior_settings, (work_h, work_w),
+                                              self.workers[1:])
         latent_hw = (work_h // 8, work_w // 8)
         # the conditioning does not need the prior: the other workers build it meanwhile
         conditioning = self._conditioning(frames, masks, latent_hw, sampler_settings.mask_dilation, others, job)
         prior_latent = ray.get(prior_ref)
+        del frames_ref, masks_ref, prior_ref  # the object store copies go once nothing refers to them
         job("prior", num, num)
         if injection_settings.mode == "ddim_inversion":
             start = ray.get(first.invert.remote(prior_latent, conditioning, injection_settings,
