@@ -76,6 +76,43 @@ def transfer_bytes(num: int, latent_hw, window: int = 22, overlap=None) -> dict:
     }
 
 
+class SamplingOnly:
+    """The sampling stage alone at a larger working size (``--sampling-size``): random start latents and
+    conditioning, ``denoise_windows`` in this process against ``RayRemover.denoise`` on the workers. Shows the
+    part of the run that the workers share window by window, with the real latent transfer sizes."""
+
+    def __init__(self, frames: int, latent_hw, steps: int, window):
+        from diffueraser_core.prior_injection import VAE_SCALING, tcd_timesteps
+        from diffueraser_core.temporal_sampling import Conditioning, pairs_down
+        from diffueraser_core.windows import window_lists
+
+        gen = torch.Generator().manual_seed(0)
+        self.frames, self.window = frames, window
+        self.latent_hw = tuple(latent_hw)
+        self.latents = torch.randn((frames, 4, *latent_hw), generator=gen) * VAE_SCALING
+        self.cond = Conditioning(torch.randn((frames, 4, *latent_hw), generator=gen) * VAE_SCALING,
+                                 torch.rand((frames, *latent_hw), generator=gen) > 0.3)
+        self.pairs = pairs_down(tcd_timesteps(steps, 1.0))
+        self.windows = len(window_lists(frames, window.window_length, window.window_overlap)[0])
+        self.runs = []
+        self.reference = None
+
+    def run_single(self, models, text, runtime):
+        from diffueraser_core.temporal_sampling import denoise_windows
+
+        started = time.perf_counter()
+        self.reference = denoise_windows(self.latents, self.pairs, self.cond, text, None, models, self.window,
+                                         runtime)
+        self.runs.append({"mode": "single process", "workers": 0,
+                          "sampling_s": round(time.perf_counter() - started, 2)})
+
+    def run_ray(self, remover, count):
+        started = time.perf_counter()
+        out = remover.denoise(self.latents, self.pairs, self.cond, self.window, lambda *a: None)
+        self.runs.append({"mode": "ray", "workers": count, "sampling_s": round(time.perf_counter() - started, 2),
+                          "bit_identical": bool(torch.equal(out, self.reference))})
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--frames", type=int, default=46)
@@ -85,6 +122,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--raft-iter", type=int, default=1)
     p.add_argument("--cache", default=os.path.join(REPO, "bench", ".cache"))
+    p.add_argument("--sampling-frames", type=int, default=40,
+                   help="frames of the sampling-only comparison (0: skip it)")
+    p.add_argument("--sampling-size", default="480x272", help="WxH working size of the sampling-only comparison")
     p.add_argument("--json", default=None, help="append the result (one JSON object) to this file")
     args = p.parse_args(argv)
 
@@ -115,8 +155,13 @@ def main(argv=None) -> int:
     reference = remove_objects(frames.clone(), masks, propainter_nets=nets, runtime=runtime, models=models,
                                codec=codec, text_embeddings=text, **kwargs)
     runs = [{"mode": "single process", "workers": 0, **timeline.phases(time.perf_counter() - timeline.start)}]
-    del nets, models, codec, text, runtime
     print(f"single process: {runs[-1]}", file=sys.stderr)
+    sampling = None
+    if args.sampling_frames:
+        sw, sh = parse_resolution(args.sampling_size)
+        sampling = SamplingOnly(args.sampling_frames, (sh // 8, sw // 8), args.steps, sampler.window_settings())
+        sampling.run_single(models, text, runtime)
+    del nets, models, codec, text, runtime
 
     for count in args.workers:
         ray = distributed.init_cluster(num_cpus=count * args.threads)
@@ -131,6 +176,8 @@ def main(argv=None) -> int:
         runs.append({"mode": "ray", "workers": count, "startup_s": round(startup, 1), **timeline.phases(total),
                      "bit_identical": bool(torch.equal(out, reference))})
         print(f"ray {count} worker(s): {runs[-1]}", file=sys.stderr)
+        if sampling is not None:
+            sampling.run_ray(remover, count)
         remover.shutdown()
         ray.shutdown()
 
@@ -143,6 +190,8 @@ def main(argv=None) -> int:
         "steps": args.steps,
         "threads_per_worker": args.threads,
         "runs": runs,
+        "sampling_only": None if sampling is None else {"frames": sampling.frames, "size": args.sampling_size,
+                                                        "windows_per_step": sampling.windows, "runs": sampling.runs},
         "transfer_this_clip": transfer_bytes(args.frames, (height // 8, width // 8)),
         "transfer_250_frames_960x536": transfer_bytes(250, (536 // 8, 960 // 8)),
     }
@@ -153,11 +202,18 @@ def main(argv=None) -> int:
         print(f"| {r['mode']} | {r['workers']} | {r.get('startup_s', '-')} | {r['prior']} | {r['pre-inference']} | "
               f"{r['sampling']} | {r['decode']} | {r['total']} | {r.get('bit_identical', 'reference')} |",
               file=sys.stderr)
+    if sampling is not None:
+        print(f"sampling only, {sampling.frames} frames at latent {sampling.latent_hw} ({sampling.windows} windows "
+              "per step):",
+              file=sys.stderr)
+        for r in sampling.runs:
+            print(f"  {r}", file=sys.stderr)
     print(json.dumps(result))
     if args.json:
         with open(args.json, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(result) + "\n")
-    return 0 if all(r.get("bit_identical", True) for r in runs) else 1
+    everything = runs + ([] if sampling is None else sampling.runs)
+    return 0 if all(r.get("bit_identical", True) for r in everything) else 1
 
 
 if __name__ == "__main__":

@@ -295,16 +295,23 @@ class RayRemover:
         if not ray.is_initialized():
             init_cluster()
         resources = ray.cluster_resources()
-        gpus = float(resources.get("GPU", 0)) if gpus_per_worker is None else gpus_per_worker
+        cluster_gpus, cluster_cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 0))
         if gpus_per_worker is None:
-            gpus_per_worker = 1.0 if gpus >= 1 else 0.0
+            gpus_per_worker = 1.0 if cluster_gpus >= 1 else 0.0
         if num_workers is None:
             if gpus_per_worker:
-                num_workers = int(gpus // gpus_per_worker)
+                num_workers = int(cluster_gpus // gpus_per_worker)
             else:
-                num_workers = max(1, int(resources.get("CPU", 1)) // max(1, cpus_per_worker))
+                num_workers = max(1, int(cluster_cpus) // max(1, cpus_per_worker))
         if int(num_workers) != num_workers or num_workers < 1:
             raise InputError(f"{NODE}: the number of workers must be an integer >= 1, got {num_workers!r}")
+        # workers that cannot all be placed would wait forever: say so before any work
+        if num_workers * cpus_per_worker > cluster_cpus or num_workers * gpus_per_worker > cluster_gpus:
+            raise InputError(
+                f"{NODE}: {num_workers} workers x ({cpus_per_worker} CPU, {gpus_per_worker:g} GPU) do not fit the "
+                f"cluster's {cluster_cpus:g} CPUs and {cluster_gpus:g} GPUs; lower --ray-workers or "
+                "--ray-cpus-per-worker, or add machines"
+            )
         if spec.threads is None and not gpus_per_worker:
             spec.threads = max(1, int(cpus_per_worker))
         actor = ray.remote(
@@ -315,7 +322,15 @@ class RayRemover:
         self.spec = spec
         self.workers = [actor.remote(spec) for _ in range(int(num_workers))]
         started = time.monotonic()
-        self.descriptions = ray.get([w.describe.remote() for w in self.workers])
+        try:
+            self.descriptions = ray.get([w.describe.remote() for w in self.workers])
+        except Exception as exc:  # a worker's constructor failed (model files, device): Ray wraps the cause
+            self.shutdown()
+            raise InputError(
+                f"{NODE}: a worker could not start; every machine needs this pack's requirements and the model "
+                f"files at the same paths as here ({sorted(set(map(os.path.dirname, spec.model_paths.values())))})"
+                f": {exc}"
+            ) from exc
         log.info("%s: %d workers ready in %.1f s: %s", NODE, len(self.workers), time.monotonic() - started,
                  "; ".join(self.descriptions))
 

@@ -109,7 +109,8 @@ class RayEngine:
             device=args.device,
         )
         started = time.monotonic()
-        remover = RayRemover(spec, num_workers=args.ray_workers, cpus_per_worker=args.ray_cpus_per_worker)
+        remover = RayRemover(spec, num_workers=args.ray_workers, cpus_per_worker=args.ray_cpus_per_worker,
+                             gpus_per_worker=0.0 if args.device == "cpu" else None)
         printer(f"{len(remover.workers)} Ray workers ready in {time.monotonic() - started:.1f} s", 1, 1)
         return cls(remover, printer)
 

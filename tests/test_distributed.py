@@ -119,3 +119,9 @@ def test_a_ray_batch_with_a_bad_shot_finishes_the_others(tmp_path, models_dir, e
     assert "2 done, 0 skipped (done earlier), 1 failed" in log
     assert "FAILED line 2 (plate0 -> " in log and "has 2 frames but the video has 6" in log
     assert sorted(os.listdir(tmp_path / "out")) == ["shot1", "shot2"]
+
+
+def test_more_workers_than_the_cluster_holds_is_a_clear_error(engine):
+    spec = distributed.WorkerSpec(dict(engine.remover.spec.model_paths), device="cpu")
+    with pytest.raises(ValueError, match=r"5 workers x \(1 CPU, 0 GPU\) do not fit the cluster's 2 CPUs"):
+        distributed.RayRemover(spec, num_workers=5, gpus_per_worker=0.0)
