@@ -1,11 +1,11 @@
-"""``python -m diffueraser_core {remove,doctor,demo} ...``"""
+"""``python -m diffueraser_core {remove,batch,doctor,demo} ...``"""
 
 import sys
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: python -m diffueraser_core {remove,doctor,demo} [options]  (--help after a command for details)"
+    usage = "usage: python -m diffueraser_core {remove,batch,doctor,demo} [options]  (--help after a command for details)"
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0 if argv else 2
@@ -18,6 +18,10 @@ def main(argv=None) -> int:
         from .cli import main as remove_main
 
         return remove_main(rest)
+    if command == "batch":
+        from .batch import main as batch_main
+
+        return batch_main(rest)
     if command == "demo":
         from .demo import main as demo_main
 

@@ -27,14 +27,20 @@ PROPAINTER_MODEL_KEYS = ("raft", "flow_completion", "propainter")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .media_out import DEFAULT_CODEC, DEFAULT_CRF, DEFAULT_PIX_FMT
-
     p = argparse.ArgumentParser(prog=PROG, description="Remove masked objects from a video with DiffuEraser.")
     p.add_argument("video", help="input video file or folder of frames")
     p.add_argument("mask", help="mask video, folder of mask frames, or one mask image for every frame: opaque alpha, "
                                 "else any channel above 127 (white/red/...) = remove; README has the conventions")
     p.add_argument("output", help="output video file (.mp4/.m4v/.mov/.mkv) or a folder (no suffix) for PNG frames; "
                                   "never an input")
+    add_run_options(p)
+    return p
+
+
+def add_output_options(p: argparse.ArgumentParser) -> None:
+    """How the output is written and how masks are read (``remove`` and ``batch`` share them)."""
+    from .media_out import DEFAULT_CODEC, DEFAULT_CRF, DEFAULT_PIX_FMT
+
     out = p.add_argument_group("output (checked before the input is read)")
     out.add_argument("--codec", default=None,
                      help=f"video codec (default {DEFAULT_CODEC}: plays everywhere); lossless/high depth: ffv1 "
@@ -49,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--invert-mask", action="store_true", help="the mask marks what to keep: invert it")
     p.add_argument("--allow-large-mask", action="store_true",
                    help="accept a mask covering more than 90%% of the frame (otherwise refused as probably inverted)")
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options of one removal (``remove`` and ``batch`` share them)."""
+    add_output_options(p)
     p.add_argument("--models", default=None, help="ComfyUI models folder (default: $COMFYUI_MODELS_DIR or ./models)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0; the reference drew a random one)")
     p.add_argument("--steps", type=int, default=2, help="TCD steps, 1..50 (PCM LoRAs: 2, 4, 8, 16; default 2)")
@@ -84,7 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ProPainter reference frame stride (default 10)")
     p.add_argument("--resize-ratio", type=float, default=0.6, help="ProPainter working-size ratio (default 0.6)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
-    return p
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run on a Ray cluster (pip install .[distributed]): ADDRESS of its head (e.g. ray://host:10001 "
+                        "or host:6379), or nothing / 'local' for a local cluster; same result as without --ray. "
+                        "Put it after the positional arguments, or write --ray=ADDRESS")
+    p.add_argument("--ray-workers", type=int, default=None,
+                   help="Ray workers (default: one per GPU of the cluster; without GPUs, one per --ray-cpus-per-worker CPUs)")
+    p.add_argument("--ray-cpus-per-worker", type=int, default=1, help="CPUs (torch threads) per CPU-only Ray worker")
 
 
 class _ProgressPrinter:
@@ -174,6 +191,12 @@ def _check_models(models_dir: str, prior_only: bool, lora: Optional[str]) -> dic
 
 
 def _load_diffusion(found: dict, models_dir: str, args, runtime):
+    return load_diffusion_models(found, _resolve_lora(found, models_dir, args.lora), args.lora_strength, runtime)
+
+
+def load_diffusion_models(found: dict, lora_path: Optional[str], lora_strength: float, runtime):
+    """unet_main (+ PCM LoRA), BrushNet, the empty-prompt embedding and the VAE codec from resolved file paths
+    (also each Ray worker's loader, diffueraser_core/distributed.py)."""
     from .models.checkpoints import load_brushnet, load_unet_main, network_file_bytes
     from .models.sd15_components import encode_prompt, load_text_encoder, load_vae
     from .pipeline import DiffuEraserModels, DiffusersVaeCodec
@@ -185,12 +208,11 @@ def _load_diffusion(found: dict, models_dir: str, args, runtime):
         return runtime.placement_device(network_file_bytes(found[family], family, runtime.dtype))
 
     unet = load_unet_main(found["unet_main"], dtype=runtime.dtype, device=device_for("unet_main"))
-    lora_path = _resolve_lora(found, models_dir, args.lora)
     if lora_path is not None:
         from .models.lora import apply_lora, read_lora
 
-        apply_lora(unet, read_lora(lora_path), args.lora_strength)
-        log.info("PCM LoRA %s applied at strength %g", lora_path, args.lora_strength)
+        apply_lora(unet, read_lora(lora_path), lora_strength)
+        log.info("PCM LoRA %s applied at strength %g", lora_path, lora_strength)
     else:
         log.warning("no PCM LoRA: a few-step schedule without it gives poor results")
     brushnet = load_brushnet(found["brushnet"], dtype=runtime.dtype, device=device_for("brushnet"))
@@ -212,22 +234,11 @@ def _load_propainter(found: dict, runtime):
     return load_propainter_nets(None, runtime, found["raft"], found["flow_completion"], found["propainter"])
 
 
-def run(args, stream=None) -> None:
-    """Run one removal from parsed arguments; progress lines go to ``stream`` (default: the current stderr)."""
-    import torch
-
-    from .pipeline import SamplerSettings, remove_objects
+def settings_from_args(args):
+    """(SamplerSettings, InjectionSettings, ProPainterSettings) from parsed options, validated."""
+    from .pipeline import SamplerSettings
     from .prior_injection import InjectionSettings
     from .prior_propainter import ProPainterSettings
-    from .runtime import StandaloneRuntime, dtype_from_name
-    from .media_in import original_to_uint8, read_clip
-    from .media_masks import check_mask_coverage, read_masks_for
-    from .media_out import OutputOptions, check_output_target, choose_encoding, write_clip
-    from .video import working_size
-
-    # The output first: a wrong target must not cost a read of the input, let alone a run.
-    options = OutputOptions(codec=args.codec, crf=args.crf, pix_fmt=args.pix_fmt, match_input=args.match_input)
-    target = check_output_target(args.output, inputs=[args.video, args.mask], options=options, node=f"{PROG} OUTPUT")
 
     sampler = SamplerSettings(
         steps=args.steps,
@@ -253,49 +264,42 @@ def run(args, stream=None) -> None:
         raft_iter=args.raft_iter,
     )
     propainter.validate()
-    device = torch.device(args.device) if args.device else _auto_device()
-    _check_device(device)
+    return sampler, injection, propainter
+
+
+def check_output(args, video: str, mask: str, output: str, where: str = PROG):
+    """The output target checked (suffix, codec options, never an input, writable) before any input is read."""
+    from .media_out import OutputOptions, check_output_target
+
+    options = OutputOptions(codec=args.codec, crf=args.crf, pix_fmt=args.pix_fmt, match_input=args.match_input)
+    return check_output_target(output, inputs=[video, mask], options=options, node=f"{where} OUTPUT")
+
+
+def run(args, stream=None, engine=None) -> None:
+    """Run one removal from parsed arguments; progress lines go to ``stream`` (default: the current stderr).
+    ``engine`` (``jobs.LocalEngine`` / ``jobs.RayEngine``) reuses networks already loaded (tests, batch)."""
+    from .jobs import make_engine, read_shot, run_shot
+
+    settings = settings_from_args(args)
+    if getattr(args, "ray", None) is None:
+        import torch
+
+        _check_device(torch.device(args.device) if args.device else _auto_device())
+    # The output first: a wrong target must not cost a read of the input, let alone a run.
+    target = check_output(args, args.video, args.mask, args.output)
     models_dir = args.models or _default_models_dir()
     found = _check_models(models_dir, args.prior_only, args.lora)
-
-    clip = read_clip(args.video, node=f"{PROG} VIDEO")
-    frames = clip.frames
-    num, height, width = int(frames.shape[0]), int(frames.shape[1]), int(frames.shape[2])
-    working_size(height, width, args.max_side, node=f"{PROG} {args.video!r}")
-    choose_encoding(target, clip.info, node=f"{PROG} OUTPUT") if target.kind == "video" else None
-    masks = read_masks_for(args.mask, clip.info, node=f"{PROG} MASK")
-    if args.invert_mask:
-        masks = ~masks
-    check_mask_coverage(masks, f"{PROG} MASK {args.mask!r}", allow_large=args.allow_large_mask)
     printer = _ProgressPrinter(stream or sys.stderr, args.quiet)
-    printer(f"read {num} frames {width}x{height} at {float(clip.fps):g} fps", 1, 1)
-
-    runtime = StandaloneRuntime(device=device, dtype=dtype_from_name(args.dtype, device), progress_callback=printer)
-    nets = _load_propainter(found, runtime)
-    models = codec = text = None
-    if not args.prior_only:
-        models, codec, text = _load_diffusion(found, models_dir, args, runtime)
-    out = remove_objects(
-        frames,
-        masks,
-        propainter_nets=nets,
-        runtime=runtime,
-        models=models,
-        codec=codec,
-        text_embeddings=text,
-        sampler_settings=sampler,
-        injection_settings=injection,
-        propainter_settings=propainter,
-        max_side=args.max_side,
-        prior_only=args.prior_only,
-        # The input is not needed afterwards: blending into it keeps a single full-size copy of the video.
-        output=frames,
-        original=clip.original,
-    )
-    if clip.original is not None:
-        out = original_to_uint8(clip.original, out=frames)
-    write_clip(target, out, clip.info, original=clip.original, node=f"{PROG} OUTPUT", progress=printer)
-    printer(f"wrote {args.output}", 1, 1)
+    shot = read_shot(args.video, args.mask, args, target, printer)
+    own_engine = engine is None
+    if own_engine:
+        engine = make_engine(args, found, models_dir, printer)
+    engine.set_printer(printer)
+    try:
+        run_shot(engine, shot, target, settings, args, printer)
+    finally:
+        if own_engine:
+            engine.close()
 
 
 def _check_device(device) -> None:
@@ -319,7 +323,7 @@ def _auto_device():
     return default_device()
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[List[str]] = None, engine=None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -328,7 +332,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        run(args)
+        run(args, engine=engine)
     except DiffuEraserError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1

@@ -229,8 +229,6 @@ class _PriorLatentSink:
         self.waiting: list = []  # input-size frames [encoded, received), in order
 
     def __call__(self, start: int, stop: int, frames: torch.Tensor) -> None:
-        from .video import resize_frames
-
         if start != self.received or not start < stop <= self.num or frames.shape[0] != stop - start:
             raise RuntimeError(
                 f"{NODE} prior encode: internal error, got frames {start}..{stop} ({frames.shape[0]} frames) "
@@ -242,10 +240,16 @@ class _PriorLatentSink:
             end = min(self.encoded + FRAME_CHUNK, self.num)
             held = self.waiting[0] if len(self.waiting) == 1 else torch.cat(self.waiting)
             take = end - self.encoded
-            self.latent[self.encoded : end] = self.codec.encode(resize_frames(held[:take], self.size))
+            self._encode(self.encoded, end, held[:take])
             self.waiting = [held[take:]] if take < held.shape[0] else []
             self.encoded = end
             self.runtime.progress("encode", end, self.num)
+
+    def _encode(self, start: int, stop: int, frames: torch.Tensor) -> None:
+        """Encode one ``FRAME_CHUNK`` range (the Ray executor overrides this to encode on another worker)."""
+        from .video import resize_frames
+
+        self.latent[start:stop] = self.codec.encode(resize_frames(frames, self.size))
 
     def result(self) -> torch.Tensor:
         if self.encoded != self.num:

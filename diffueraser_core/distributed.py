@@ -1,0 +1,522 @@
+"""One video across many GPUs and machines on Ray, with the single-process result bit for bit.
+
+Ray is optional (``pip install .[distributed]``) and imported only inside the functions here, never by the nodes
+nor by the rest of ``diffueraser_core``. Ray does the scheduling, transfers and retries; this module only says what
+runs where and merges in the single-process order.
+
+Workers (``PipelineWorker``, one Ray actor per GPU, or per ``cpus_per_worker`` CPUs) load every network once from
+the same models folder paths and keep them. The driver (the process that runs the CLI) holds the video and the
+latents and hands out work, always by calling the single-process functions on an aligned sub-range, so the
+computation of every piece is the single-process computation:
+
+* **prior**: ``run_propainter_prior`` on one worker (not split: see below); the finished prior frames it streams
+  out are VAE-encoded by the other workers in the same ``FRAME_CHUNK`` ranges as ``_PriorLatentSink``, while
+  they also build the BrushNet conditioning, which does not need the prior.
+* **conditioning**: ``build_conditioning`` on ranges of ``CONDITIONING_CHUNK`` frames (it works chunk by chunk
+  on exactly those ranges, so each worker sees the single-process VAE batches).
+* **injection**: forward noise on the driver (seeded noise, cheap); DDIM inversion (not the reference default)
+  runs ``invert_prior`` on one worker.
+* **pre-inference**: ``run_pre_inference`` on one worker (one 22-frame window per step: nothing to split); the
+  keyframes' rows come back and are written into the driver's start latents and conditioning.
+* **sampling**: every window of a step reads only the previous step's merged latents, so each window is a task
+  (``denoise_windows`` of one step on the window's frames: one window, the single-process window computation);
+  the driver merges the results with ``WindowAccumulator`` in list order (``windows_for_step``), the same merge
+  and order as ``denoise_windows``, then starts the next step (a barrier per step; latents are ~130 KB a frame
+  at 960x536).
+* **decode + blend**: ``decode_and_blend`` on ranges of ``FRAME_CHUNK`` frames; results are taken in frame order
+  as they complete and handed to ``on_frames``.
+
+Why the prior is not split: its pieces are independent given their padded inputs (RAFT pairs, flow-completion
+chunks of ``subvideo_length`` pairs, propagation chunks, transformer steps given their neighbour and reference
+frames, after the one global pre-propagation pass), but ``run_propainter_prior`` pulls them through streaming
+cursors (``_FlowGuidedVideo``) that keep only a bounded band of flows and propagated frames. Splitting it bit for
+bit needs those intermediates moved between workers (fp16 flows and propagated frames, ~7 MB a frame at the
+768x432 prior size of a 720p clip) and every cursor's exact chunk boundaries reproduced (OOM halving included);
+that is the next step (bench/README.md, projection). The prior is 7% of a 720p run's FLOPs.
+
+Faults: workers are actors with ``max_restarts`` / ``max_task_retries``: a worker process that dies mid-task is
+restarted (reloading its networks) and its task re-run by Ray; every result is placed by its frame range, so no
+frame is lost or doubled. A worker that cannot be restarted fails the run with Ray's error.
+
+Bit-identity holds when every worker computes like the single process: same device type and model, same dtype,
+and on CPUs the same number of intra-op threads. ``windows_per_batch`` > 1 is not used here (each window is its
+own task): the distributed result equals the single-process result with ``windows_per_batch=1``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from .errors import InputError
+from .pipeline import _PriorLatentSink
+
+log = logging.getLogger(__name__)
+
+NODE = "DiffuEraser (Ray)"
+INSTALL_HINT = "pip install 'comfyui-diffueraser[distributed]' (or: pip install ray)"
+#: prior chunks (FRAME_CHUNK frames each) in flight to the encoding workers per encoding worker
+ENCODES_IN_FLIGHT_PER_WORKER = 4
+#: how often Ray restarts a lost worker and re-runs its task before the run fails
+MAX_RESTARTS = 3
+#: stage names a test may ask a worker to crash in once (``PipelineWorker.inject_failure``)
+STAGES = ("prior", "encode", "conditioning", "pre-inference", "inversion", "sampling", "decode")
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError as exc:
+        raise InputError(f"{NODE}: --ray needs the Ray package, which is not installed; {INSTALL_HINT}") from exc
+    return ray
+
+
+def package_root() -> str:
+    """The folder holding ``diffueraser_core``, shipped to the workers so they run the driver's exact code."""
+    return os.path.dirname(os.path.abspath(__file__))
+
+
+def init_cluster(address: Optional[str] = None, num_cpus: Optional[int] = None, **kwargs):
+    """Connect to the Ray cluster at ``address`` (``None``/"local": start a local one) unless already connected.
+
+    The driver's ``diffueraser_core`` goes to every worker (Ray ``py_modules``), so all run the same code; each
+    machine still needs torch/diffusers (``pip install .[distributed]``) and the weights at the same paths.
+    """
+    ray = import_ray()
+    if ray.is_initialized():
+        return ray
+    runtime_env = {"py_modules": [package_root()]}
+    options = dict(runtime_env=runtime_env, log_to_driver=False, logging_level=logging.WARNING)
+    if address in (None, "", "local"):
+        options.update(include_dashboard=False, num_cpus=num_cpus)
+    else:
+        options["address"] = address
+    options.update(kwargs)
+    try:
+        ray.init(**options)
+    except ConnectionError as exc:
+        raise InputError(f"{NODE}: cannot connect to the Ray cluster at {address!r}: {exc}") from exc
+    return ray
+
+
+@dataclass
+class WorkerSpec:
+    """What each worker loads: model file paths (the same on every machine), LoRA, device."""
+
+    model_paths: Dict[str, str]
+    prior_only: bool = False
+    lora_path: Optional[str] = None
+    lora_strength: float = 1.0
+    #: "cpu", "cuda" or None (the worker's best device)
+    device: Optional[str] = None
+    #: torch intra-op threads per worker (CPU workers; None: torch's default)
+    threads: Optional[int] = None
+
+
+class PipelineWorker:
+    """A Ray actor body: the networks loaded once, the single-process stage functions on the driver's pieces."""
+
+    def __init__(self, spec: WorkerSpec):
+        from . import cli
+        from .runtime import StandaloneRuntime, default_device
+
+        if spec.threads:
+            torch.set_num_threads(int(spec.threads))
+        self.spec = spec
+        self.fail_once: Dict[str, str] = {}
+        device = torch.device(spec.device) if spec.device else default_device()
+        self.runtime = StandaloneRuntime(device=device)
+        self.nets = cli._load_propainter(spec.model_paths, self.runtime)
+        self.models = self.codec = self.text = None
+        if not spec.prior_only:
+            self.models, self.codec, self.text = cli.load_diffusion_models(
+                spec.model_paths, spec.lora_path, spec.lora_strength, self.runtime
+            )
+
+    def inject_failure(self, stage: str, marker: str) -> None:
+        """Fault injection (tests, drills): the first worker to start a ``stage`` task while the file ``marker``
+        exists deletes it and kills its own process, as a lost machine would. Ray restarts the worker (its
+        constructor does not re-arm this) and re-runs the task."""
+        if stage not in STAGES:
+            raise InputError(f"{NODE}: inject_failure stage must be one of {STAGES}, got {stage!r}")
+        self.fail_once[stage] = marker
+
+    def _maybe_fail(self, stage: str) -> None:
+        marker = self.fail_once.get(stage)
+        if marker is None:
+            return
+        try:
+            os.remove(marker)  # only one worker wins the removal
+        except FileNotFoundError:
+            return
+        log.warning("%s: injected failure: worker %d exits inside a %s task", NODE, os.getpid(), stage)
+        os._exit(1)
+
+    def describe(self) -> str:
+        return f"{os.uname().nodename} pid {os.getpid()} {self.runtime.device} {self.runtime.dtype}"
+
+    def prior_latent(self, frames, masks, settings, size, encoders=()):
+        """The prior's latent; its FRAME_CHUNK ranges are VAE-encoded by ``encoders`` (other workers) while the
+        prior goes on, or here when there are none."""
+        from .prior_propainter import run_propainter_prior
+
+        self._maybe_fail("prior")
+        frames, masks = _read_only_tensor(frames), _read_only_tensor(masks)
+        num = int(frames.shape[0])
+        if encoders:
+            sink = _RemoteEncodeSink(num, size, self.codec, self.runtime, list(encoders))
+        else:
+            sink = _PriorLatentSink(num, size, self.codec, self.runtime)
+        run_propainter_prior(frames, masks, self.nets, settings, self.runtime, sink=sink)
+        return sink.result()
+
+    def encode_frames(self, frames, size):
+        """One prior range of the sink: resized to the working size and encoded, as ``_PriorLatentSink``."""
+        from .video import resize_frames
+
+        self._maybe_fail("encode")
+        return self.codec.encode(resize_frames(frames, size))
+
+    def prior_frames(self, frames, masks, settings):
+        from .prior_propainter import run_propainter_prior
+
+        self._maybe_fail("prior")
+        frames, masks = _read_only_tensor(frames), _read_only_tensor(masks)
+        return run_propainter_prior(frames, masks, self.nets, settings, self.runtime).frames
+
+    def conditioning(self, frames, masks, latent_hw, mask_dilation):
+        from .temporal_sampling import build_conditioning
+
+        self._maybe_fail("conditioning")
+        cond = build_conditioning(frames, masks, latent_hw, self.codec, mask_dilation)
+        return cond.masked_latents, cond.known
+
+    def invert(self, prior_latent, conditioning, injection, window_overlap, brushnet_scale):
+        from .prior_injection import invert_prior
+
+        self._maybe_fail("inversion")
+        return invert_prior(prior_latent, conditioning, self.text, self.models, injection, self.runtime,
+                            window_overlap=window_overlap, brushnet_scale=brushnet_scale)
+
+    def pre_infer(self, start, conditioning, timesteps, window):
+        from .pre_inference import run_pre_inference
+
+        self._maybe_fail("pre-inference")
+        pre = run_pre_inference(start, conditioning, timesteps, self.text, None, self.models, self.codec, window,
+                                self.runtime)
+        idx = pre.keyframes
+        return idx, pre.start_latent[idx], pre.conditioning.masked_latents[idx], pre.conditioning.known[idx]
+
+    def window_step(self, x, masked_latents, known, t, s, step_number, window, stage):
+        """One window through one step: ``denoise_windows`` on the window's own frames is exactly one window."""
+        from .temporal_sampling import Conditioning, denoise_windows
+
+        self._maybe_fail("sampling")
+        return denoise_windows(x, [(t, s)], Conditioning(masked_latents, known), self.text, None, self.models,
+                               window, self.runtime, stage=stage, step_numbers=[step_number])
+
+    def decode_blend(self, latents, frames, masks, mask_dilation, feather):
+        from .pipeline import decode_and_blend
+
+        self._maybe_fail("decode")
+        return decode_and_blend(latents, frames, masks, self.codec, self.runtime, mask_dilation=mask_dilation,
+                                feather=feather)
+
+
+def _read_only_tensor(array) -> torch.Tensor:
+    """A tensor over a numpy array from Ray's object store without copying it (on the same machine the array is
+    shared memory, read-only; the prior only reads its input)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "The given NumPy array is not writable"
+        return torch.from_numpy(array)
+
+
+class _RemoteEncodeSink(_PriorLatentSink):
+    """``_PriorLatentSink`` whose FRAME_CHUNK ranges (the same ranges, so the same VAE batches) are encoded by
+    other workers, round robin, with a bounded number in flight; ``result`` collects them in order."""
+
+    def __init__(self, num, size, codec, runtime, encoders):
+        super().__init__(num, size, codec, runtime)
+        self.encoders = encoders
+        self.pending: List[Optional[tuple]] = []
+        self.collected = 0
+
+    def _encode(self, start, stop, frames):
+        worker = self.encoders[len(self.pending) % len(self.encoders)]
+        self.pending.append((start, stop, worker.encode_frames.remote(frames.clone(), self.size)))
+        while len(self.pending) - self.collected > ENCODES_IN_FLIGHT_PER_WORKER * len(self.encoders):
+            self._collect_one()
+
+    def _collect_one(self):
+        import ray
+
+        start, stop, ref = self.pending[self.collected]
+        self.latent[start:stop] = ray.get(ref)
+        self.pending[self.collected] = None
+        self.collected += 1
+
+    def result(self):
+        while self.collected < len(self.pending):
+            self._collect_one()
+        return super().result()
+
+
+class JobProgress:
+    """Progress of the whole job: each stage's own count, then a ``job`` count of weighted units over all stages
+    (weights: frames each stage touches; a sampling window counts its frames)."""
+
+    def __init__(self, callback: Optional[Callable], weights: Dict[str, int]):
+        self.callback = callback
+        self.weights = {k: int(v) for k, v in weights.items() if v > 0}
+        self.total = max(1, sum(self.weights.values()))
+        self.fraction: Dict[str, float] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        self.fraction[stage] = min(1.0, done / max(1, total))
+        if self.callback is not None:
+            self.callback(stage, done, total)
+            units = sum(int(w * self.fraction.get(k, 0.0)) for k, w in self.weights.items())
+            self.callback("job", units, self.total)
+
+
+class RayRemover:
+    """Runs ``remove_objects`` across the workers of a Ray cluster (see the module docstring)."""
+
+    def __init__(self, spec: WorkerSpec, num_workers: Optional[int] = None, cpus_per_worker: int = 1,
+                 gpus_per_worker: Optional[float] = None):
+        ray = import_ray()
+        if not ray.is_initialized():
+            init_cluster()
+        resources = ray.cluster_resources()
+        cluster_gpus, cluster_cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 0))
+        if gpus_per_worker is None:
+            gpus_per_worker = 1.0 if cluster_gpus >= 1 else 0.0
+        if num_workers is None:
+            if gpus_per_worker:
+                num_workers = int(cluster_gpus // gpus_per_worker)
+            else:
+                num_workers = max(1, int(cluster_cpus) // max(1, cpus_per_worker))
+        if int(num_workers) != num_workers or num_workers < 1:
+            raise InputError(f"{NODE}: the number of workers must be an integer >= 1, got {num_workers!r}")
+        # workers that cannot all be placed would wait forever: say so before any work
+        if num_workers * cpus_per_worker > cluster_cpus or num_workers * gpus_per_worker > cluster_gpus:
+            raise InputError(
+                f"{NODE}: {num_workers} workers x ({cpus_per_worker} CPU, {gpus_per_worker:g} GPU) do not fit the "
+                f"cluster's {cluster_cpus:g} CPUs and {cluster_gpus:g} GPUs; lower --ray-workers or "
+                "--ray-cpus-per-worker, or add machines"
+            )
+        if spec.threads is None and not gpus_per_worker:
+            spec.threads = max(1, int(cpus_per_worker))
+        actor = ray.remote(
+            num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=MAX_RESTARTS,
+            max_task_retries=MAX_RESTARTS,
+        )(PipelineWorker)
+        self.ray = ray
+        self.spec = spec
+        self.workers = [actor.remote(spec) for _ in range(int(num_workers))]
+        started = time.monotonic()
+        try:
+            self.descriptions = ray.get([w.describe.remote() for w in self.workers])
+        except Exception as exc:  # a worker's constructor failed (model files, device): Ray wraps the cause
+            self.shutdown()
+            raise InputError(
+                f"{NODE}: a worker could not start; every machine needs this pack's requirements and the model "
+                f"files at the same paths as here ({sorted(set(map(os.path.dirname, spec.model_paths.values())))})"
+                f": {exc}"
+            ) from exc
+        log.info("%s: %d workers ready in %.1f s: %s", NODE, len(self.workers), time.monotonic() - started,
+                 "; ".join(self.descriptions))
+
+    def shutdown(self) -> None:
+        for worker in self.workers:
+            self.ray.kill(worker)
+        self.workers = []
+
+    def _pool(self, workers=None):
+        from ray.util import ActorPool
+
+        return ActorPool(list(workers or self.workers))
+
+    # -- the stages ---------------------------------------------------------------------------------------------
+
+    def _conditioning(self, frames, masks, latent_hw, mask_dilation, workers, progress):
+        from .temporal_sampling import CONDITIONING_CHUNK, Conditioning
+
+        num = int(frames.shape[0])
+        ranges = [(a, min(a + CONDITIONING_CHUNK, num)) for a in range(0, num, CONDITIONING_CHUNK)]
+        pool = self._pool(workers)
+        masked = torch.empty((num, 4, *latent_hw), dtype=torch.float32)
+        known = torch.empty((num, *latent_hw), dtype=torch.bool)
+        results = pool.map(
+            lambda w, r: w.conditioning.remote(frames[r[0]:r[1]].clone(), masks[r[0]:r[1]].clone(), latent_hw,
+                                               mask_dilation),
+            ranges,
+        )
+        for (a, b), (part_masked, part_known) in zip(ranges, results):
+            masked[a:b] = part_masked
+            known[a:b] = part_known
+            progress("conditioning", b, num)
+        return Conditioning(masked, known)
+
+    def denoise(self, latents, timestep_pairs, conditioning, window, progress, stage="sampling"):
+        """``denoise_windows`` (default step numbers, no negative embedding) with each window a task."""
+        from .windows import WindowAccumulator, windows_for_step
+
+        num = int(latents.shape[0])
+        latents = latents.to(torch.float32)
+        schedule = [windows_for_step(n, num, window.window_length, window.window_overlap)
+                    for n in range(len(timestep_pairs))]
+        total = sum(len(w) for w in schedule)
+        done = 0
+        cond_refs = {}  # the conditioning of each window goes to the object store once, read by every step
+
+        def cond_of(a, b):
+            if (a, b) not in cond_refs:
+                cond_refs[(a, b)] = (self.ray.put(conditioning.masked_latents[a:b].clone()),
+                                     self.ray.put(conditioning.known[a:b].clone()))
+            return cond_refs[(a, b)]
+
+        for step, ((t, s), windows) in enumerate(zip(timestep_pairs, schedule)):
+            pool = self._pool()
+            step_latents = latents
+            results = pool.map(
+                lambda w, ab: w.window_step.remote(step_latents[ab[0]:ab[1]].clone(), *cond_of(*ab), t, s, step,
+                                                   window, stage),
+                windows,
+            )
+            acc = WindowAccumulator(num, overwrite_last_overlap=window.overwrite_last_overlap, dtype=torch.float32)
+            for (a, b), moved in zip(windows, results):  # list order: the single-process merge
+                acc.add(a, b, moved)
+                done += 1
+                progress(stage, done, total)
+            latents = acc.result()
+        return latents
+
+    def remove(
+        self,
+        frames: torch.Tensor,
+        masks: torch.Tensor,
+        *,
+        sampler_settings=None,
+        injection_settings=None,
+        propainter_settings=None,
+        max_side: Optional[int] = None,
+        feather: Optional[int] = None,
+        prior_only: bool = False,
+        output: Optional[torch.Tensor] = None,
+        original: Optional[torch.Tensor] = None,
+        progress: Optional[Callable] = None,
+        on_frames: Optional[Callable[[int, int, torch.Tensor], None]] = None,
+    ) -> torch.Tensor:
+        """``pipeline.remove_objects`` on the cluster: same arguments, same result.
+
+        ``original`` (the source at full depth / with alpha, ``frames`` being its 8-bit RGB): as in
+        ``remove_objects``, the result is composited into it in place and returned.
+
+        ``progress(stage, done, total)`` gets each stage's count and a ``job`` count over the whole run;
+        ``on_frames(start, stop, frames)`` gets the finished output frames in order as they complete.
+        """
+        from .blend import DEFAULT_FEATHER
+        from .pipeline import (
+            NODE as PIPELINE,
+            SamplerSettings,
+            _into_original,
+            _propainter_settings,
+            prepare_sampling_inputs,
+        )
+        from .pre_inference import should_pre_infer
+        from .prior_injection import VAE_SCALING, InjectionSettings, inject_forward_noise, tcd_timesteps
+        from .temporal_sampling import pairs_down
+        from .video import DEFAULT_MAX_SIDE, FRAME_CHUNK, working_size
+        from .windows import window_lists
+
+        ray = self.ray
+        max_side = DEFAULT_MAX_SIDE if max_side is None else max_side
+        feather = DEFAULT_FEATHER if feather is None else feather
+        sampler_settings = sampler_settings or SamplerSettings()
+        injection_settings = injection_settings or InjectionSettings(
+            seed=0, window_length=sampler_settings.window_length, inversion_steps=sampler_settings.steps
+        )
+        masks = prepare_sampling_inputs(frames, masks, PIPELINE)
+        num, height, width = int(frames.shape[0]), int(frames.shape[1]), int(frames.shape[2])
+        if not bool(masks.any()):
+            log.info("%s: the mask is empty; returning the input unchanged", NODE)
+            if original is not None:
+                return original
+            return frames if output is None else output.copy_(frames)
+        work_h, work_w = working_size(height, width, max_side)
+        prior_settings = _propainter_settings(propainter_settings, sampler_settings.mask_dilation)
+        window = sampler_settings.window_settings()
+        list_a, list_b = window_lists(num, window.window_length, window.window_overlap)
+        steps = sampler_settings.steps
+        windows = sum(len(list_a if n % 2 == 0 else list_b) for n in range(steps))
+        job = JobProgress(progress, {"prior": num, "conditioning": num, "pre-inference": window.window_length,
+                                     "sampling": windows * window.window_length, "decode": num})
+        first, others = self.workers[0], (self.workers[1:] or self.workers)
+        # numpy: workers on this machine read the shared-memory copy without another copy of their own
+        frames_ref, masks_ref = ray.put(frames.numpy()), ray.put(masks.contiguous().numpy())
+
+        if prior_only:
+            out = ray.get(first.prior_frames.remote(frames_ref, masks_ref, prior_settings))
+            del frames_ref, masks_ref
+            job("prior", num, num)
+            if original is not None:
+                out = _into_original(out, frames, original)
+            if on_frames is not None:
+                for a in range(0, num, FRAME_CHUNK):
+                    on_frames(a, min(a + FRAME_CHUNK, num), out[a:a + FRAME_CHUNK])
+            return out if output is None or original is not None else output.copy_(out)
+
+        prior_ref = first.prior_latent.remote(frames_ref, masks_ref, prior_settings, (work_h, work_w),
+                                              self.workers[1:])
+        latent_hw = (work_h // 8, work_w // 8)
+        # the conditioning does not need the prior: the other workers build it meanwhile
+        conditioning = self._conditioning(frames, masks, latent_hw, sampler_settings.mask_dilation, others, job)
+        prior_latent = ray.get(prior_ref)
+        del frames_ref, masks_ref, prior_ref  # the object store copies go once nothing refers to them
+        job("prior", num, num)
+        if injection_settings.mode == "ddim_inversion":
+            start = ray.get(first.invert.remote(prior_latent, conditioning, injection_settings,
+                                                sampler_settings.window_overlap, sampler_settings.brushnet_scale))
+        else:
+            start = inject_forward_noise(prior_latent, injection_settings)
+        del prior_latent
+        # sample_video, with the pre-inference on one worker and each window a task
+        timesteps = tcd_timesteps(steps, start.strength)
+        start_latent = start.latent
+        if should_pre_infer(start.num_frames, window.window_length, start, sampler_settings.pre_inference):
+            idx, key_start, key_masked, key_known = ray.get(
+                first.pre_infer.remote(start, conditioning, timesteps, window)
+            )
+            start_latent = start.latent.clone()
+            start_latent[idx] = key_start
+            conditioning.masked_latents[idx] = key_masked  # the driver's own copy: written in place
+            conditioning.known[idx] = key_known
+            job("pre-inference", window.window_length, window.window_length)
+        latents = self.denoise(start_latent.to(torch.float32) * VAE_SCALING, pairs_down(timesteps), conditioning,
+                               window, job)
+        latents /= VAE_SCALING
+        del start, start_latent, conditioning
+        # decode + blend in FRAME_CHUNK ranges, taken in frame order as they complete
+        # a full-depth / alpha source is the base each chunk is composited into (blend is dtype-generic)
+        base = frames if original is None else original
+        out = original if original is not None else (torch.empty_like(frames) if output is None else output)
+        ranges = [(a, min(a + FRAME_CHUNK, num)) for a in range(0, num, FRAME_CHUNK)]
+        results = self._pool().map(
+            lambda w, r: w.decode_blend.remote(latents[r[0]:r[1]].clone(), base[r[0]:r[1]].clone(),
+                                               masks[r[0]:r[1]].clone(), sampler_settings.mask_dilation, feather),
+            ranges,
+        )
+        for (a, b), part in zip(ranges, results):
+            out[a:b] = part
+            job("decode", b, num)
+            if on_frames is not None:
+                on_frames(a, b, out[a:b])
+        return out

@@ -1,0 +1,177 @@
+"""Engines that run one shot, shared by ``remove`` and ``batch``: networks loaded once, many shots.
+
+``LocalEngine`` runs ``pipeline.remove_objects`` in this process; ``RayEngine`` runs ``distributed.RayRemover``
+on a Ray cluster (imported only when ``--ray`` is given). A shot is read (and checked) before any network runs,
+and written atomically by ``media_out.write_clip`` (temporary name, then rename), so an interrupted run never
+leaves a partial output under the final name.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Shot:
+    video_path: str
+    mask_path: str
+    clip: object  # media_in.Clip: 8-bit RGB frames, the full-depth/alpha original when there is one, ClipInfo
+    masks: torch.Tensor
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.clip.frames.shape[0])
+
+
+def read_shot(video_path: str, mask_path: str, args, target, printer=None) -> Shot:
+    """Read a video and its masks, checking the working size, the encoding the output needs and the mask coverage:
+    every bad-input error before any long work. ``target``: the checked output (``cli.check_output``)."""
+    from .cli import PROG
+    from .media_in import read_clip
+    from .media_masks import check_mask_coverage, read_masks_for
+    from .media_out import choose_encoding
+    from .video import working_size
+
+    clip = read_clip(video_path, node=f"{PROG} VIDEO")
+    frames = clip.frames
+    num, height, width = int(frames.shape[0]), int(frames.shape[1]), int(frames.shape[2])
+    working_size(height, width, args.max_side, node=f"{PROG} {video_path!r}")
+    if target.kind == "video":
+        choose_encoding(target, clip.info, node=f"{PROG} OUTPUT")
+    masks = read_masks_for(mask_path, clip.info, node=f"{PROG} MASK")
+    if getattr(args, "invert_mask", False):
+        masks = ~masks
+    check_mask_coverage(masks, f"{PROG} MASK {mask_path!r}", allow_large=getattr(args, "allow_large_mask", False))
+    if printer is not None:
+        printer(f"read {num} frames {width}x{height} at {float(clip.fps):g} fps", 1, 1)
+    return Shot(video_path, mask_path, clip, masks)
+
+
+class LocalEngine:
+    """The networks in this process (the single-process path)."""
+
+    def __init__(self, args, found: dict, models_dir: str, printer):
+        from . import cli
+        from .runtime import StandaloneRuntime, dtype_from_name
+
+        device = torch.device(args.device) if args.device else cli._auto_device()
+        self.runtime = StandaloneRuntime(device=device, dtype=dtype_from_name(args.dtype, device),
+                                         progress_callback=printer)
+        self.nets = cli._load_propainter(found, self.runtime)
+        self.models = self.codec = self.text = None
+        if not args.prior_only:
+            self.models, self.codec, self.text = cli._load_diffusion(found, models_dir, args, self.runtime)
+
+    def remove(self, frames, masks, *, settings, max_side, prior_only, output, original=None):
+        from .pipeline import remove_objects
+
+        sampler, injection, propainter = settings
+        return remove_objects(
+            frames,
+            masks,
+            propainter_nets=self.nets,
+            runtime=self.runtime,
+            models=self.models,
+            codec=self.codec,
+            text_embeddings=self.text,
+            sampler_settings=sampler,
+            injection_settings=injection,
+            propainter_settings=propainter,
+            max_side=max_side,
+            prior_only=prior_only,
+            output=output,
+            original=original,
+        )
+
+    def set_printer(self, printer) -> None:
+        self.runtime.progress_callback = printer
+
+    def close(self) -> None:
+        pass
+
+
+class RayEngine:
+    """The networks in Ray workers across a cluster (``distributed.RayRemover``)."""
+
+    def __init__(self, remover, printer, owns_workers: bool = True):
+        self.remover = remover
+        self.printer = printer
+        self.owns_workers = owns_workers
+
+    @classmethod
+    def start(cls, args, found: dict, models_dir: str, printer) -> "RayEngine":
+        from . import cli
+        from .distributed import RayRemover, WorkerSpec, init_cluster
+
+        address = None if args.ray in ("", "local") else args.ray
+        init_cluster(address)
+        lora = None if args.prior_only else cli._resolve_lora(found, models_dir, args.lora)
+        spec = WorkerSpec(
+            model_paths={k: v for k, v in found.items() if v},
+            prior_only=bool(args.prior_only),
+            lora_path=lora,
+            lora_strength=args.lora_strength,
+            device=args.device,
+        )
+        started = time.monotonic()
+        remover = RayRemover(spec, num_workers=args.ray_workers, cpus_per_worker=args.ray_cpus_per_worker,
+                             gpus_per_worker=0.0 if args.device == "cpu" else None)
+        printer(f"{len(remover.workers)} Ray workers ready in {time.monotonic() - started:.1f} s", 1, 1)
+        return cls(remover, printer)
+
+    def remove(self, frames, masks, *, settings, max_side, prior_only, output, original=None):
+        sampler, injection, propainter = settings
+        return self.remover.remove(
+            frames,
+            masks,
+            sampler_settings=sampler,
+            injection_settings=injection,
+            propainter_settings=propainter,
+            max_side=max_side,
+            prior_only=prior_only,
+            output=output,
+            original=original,
+            progress=self.printer,
+        )
+
+    def set_printer(self, printer) -> None:
+        self.printer = printer
+
+    def close(self) -> None:
+        if self.owns_workers:
+            self.remover.shutdown()
+
+
+def make_engine(args, found: dict, models_dir: str, printer):
+    if getattr(args, "ray", None) is not None:
+        return RayEngine.start(args, found, models_dir, printer)
+    return LocalEngine(args, found, models_dir, printer)
+
+
+def run_shot(engine, shot: Shot, target, settings, args, printer) -> None:
+    """Remove the masked objects of one shot and write ``target`` (``cli.check_output``) atomically."""
+    from .cli import PROG
+    from .media_in import original_to_uint8
+    from .media_out import write_clip
+
+    clip = shot.clip
+    out = engine.remove(
+        clip.frames,
+        shot.masks,
+        settings=settings,
+        max_side=args.max_side,
+        prior_only=args.prior_only,
+        # The input is not needed afterwards: blending into it keeps a single full-size copy of the video.
+        output=clip.frames,
+        original=clip.original,
+    )
+    if clip.original is not None:
+        out = original_to_uint8(clip.original, out=clip.frames)
+    write_clip(target, out, clip.info, original=clip.original, node=f"{PROG} OUTPUT", progress=printer)
+    printer(f"wrote {target.path}", 1, 1)

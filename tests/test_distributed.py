@@ -1,0 +1,127 @@
+"""The Ray executor on a local 2-CPU cluster with 2 CPU workers and tiny random weights.
+
+One cluster and one set of workers for the whole module (Ray's start-up and the workers' network loading are the
+slow part on 2 cores). The clip is long enough for pre-inference (46 > 2 x 22 frames) and has 3 windows per step.
+Outputs are PNG folders (lossless), compared bit for bit with the single-process CLI run in this process (one torch
+thread, as the workers).
+"""
+
+import io
+import os
+
+import pytest
+import torch
+
+import ray  # noqa: F401  (requirements-dev.txt: these tests run in CI)
+
+from diffueraser_core import cli, distributed, jobs
+from diffueraser_core.model_files import find_model_files
+from diffueraser_core.random_weights import make_models_folder
+from diffueraser_core.video import read_video, write_video
+from diffueraser_core.windows import window_lists
+from test_batch import make_shots
+from test_pipeline_cli import FAST, FULL_SIZE_PRIOR, box_masks, make_clip, write_masks
+
+NUM, H, W = 46, 64, 96
+OPTS = ["--mask-dilation", "2", "--device", "cpu", "--seed", "3", *FAST, *FULL_SIZE_PRIOR]
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    make_models_folder(str(root))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def engine(models_dir):
+    distributed.init_cluster(num_cpus=2)
+    import ray as ray_module
+
+    args = cli.build_parser().parse_args(["v", "m", "o", "--models", models_dir, *OPTS, "--ray"])
+    printer = cli._ProgressPrinter(io.StringIO(), True)
+    engine = jobs.RayEngine.start(args, find_model_files(models_dir), models_dir, printer)
+    assert len(engine.remover.workers) == 2
+    yield engine
+    engine.close()
+    ray_module.shutdown()
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clip")
+    write_video(str(folder / "video"), make_clip(NUM, H, W, seed=7))
+    write_masks(folder / "mask", box_masks(NUM, H, W, top=20, left=30, size=14))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def single_process(clip, models_dir):
+    code, log = run_cli([clip / "video", clip / "mask", clip / "single", "--models", models_dir, *OPTS])
+    assert code == 0, log
+    assert "pre-inference" in log
+    return read_video(str(clip / "single")).frames
+
+
+def run_cli(argv, engine=None):
+    err = io.StringIO()
+    from contextlib import redirect_stderr
+
+    with redirect_stderr(err):
+        code = cli.main([str(a) for a in argv], engine=engine)
+    return code, err.getvalue()
+
+
+def test_two_workers_give_the_single_process_result_bit_for_bit(clip, models_dir, engine, single_process):
+    list_a, list_b = window_lists(NUM)
+    assert len(list_a) == 3 and len(list_b) == 3  # several windows per step
+    code, log = run_cli([clip / "video", clip / "mask", clip / "ray", "--models", models_dir, *OPTS, "--ray"],
+                        engine=engine)
+    assert code == 0, log
+    assert "pre-inference: 22/22" in log and "sampling: 6/6" in log and "decode: 46/46" in log
+    job_lines = [line for line in log.splitlines() if "] job: " in line]
+    done, total = job_lines[-1].split("job: ")[1].split("/")
+    assert len(job_lines) > 10 and done == total  # the whole job's progress, ending complete
+    out = read_video(str(clip / "ray")).frames
+    assert out.shape == single_process.shape
+    assert torch.equal(out, single_process)
+
+
+def test_workers_lost_inside_a_window_and_a_prior_chunk_do_not_change_the_result(
+    clip, models_dir, engine, single_process, tmp_path
+):
+    remover = engine.remover
+    before = remover.ray.get([w.describe.remote() for w in remover.workers])
+    # a worker dies inside a sampling window, and one inside the VAE encode of a prior chunk (a task the prior
+    # worker hands to another worker)
+    markers = {stage: tmp_path / f"fail-{stage}" for stage in ("sampling", "encode")}
+    for stage, marker in markers.items():
+        marker.write_text("armed")
+        remover.ray.get([w.inject_failure.remote(stage, str(marker)) for w in remover.workers])
+    code, log = run_cli([clip / "video", clip / "mask", clip / "fault", "--models", models_dir, *OPTS, "--ray"],
+                        engine=engine)
+    assert code == 0, log
+    assert not any(marker.exists() for marker in markers.values())  # both failures did happen
+    after = remover.ray.get([w.describe.remote() for w in remover.workers])
+    assert any(a != b for a, b in zip(before, after))  # worker processes were replaced by Ray
+    assert torch.equal(read_video(str(clip / "fault")).frames, single_process)
+
+
+def test_a_ray_batch_with_a_bad_shot_finishes_the_others(tmp_path, models_dir, engine):
+    from diffueraser_core import batch
+
+    shotlist = make_shots(tmp_path, bad_line=2)
+    err = io.StringIO()
+    shared = jobs.RayEngine(engine.remover, None, owns_workers=False)
+    code = batch.main([str(shotlist), "--models", models_dir, *OPTS, "--quiet", "--ray"], stream=err, engine=shared)
+    log = err.getvalue()
+    assert code == 1, log
+    assert "2 done, 0 skipped (done earlier), 1 failed" in log
+    assert "FAILED line 2 (plate0 -> " in log and "has 2 frames but the video has 6" in log
+    assert sorted(os.listdir(tmp_path / "out")) == ["shot1", "shot2"]
+
+
+def test_more_workers_than_the_cluster_holds_is_a_clear_error(engine):
+    spec = distributed.WorkerSpec(dict(engine.remover.spec.model_paths), device="cpu")
+    with pytest.raises(ValueError, match=r"5 workers x \(1 CPU, 0 GPU\) do not fit the cluster's 2 CPUs"):
+        distributed.RayRemover(spec, num_workers=5, gpus_per_worker=0.0)
