@@ -10,7 +10,8 @@ import torch
 
 from diffueraser_core import batch
 from diffueraser_core.random_weights import make_models_folder
-from diffueraser_core.video import read_video, write_video
+from diffueraser_core.media_in import read_video
+from diffueraser_core.media_out import write_video
 from test_pipeline_cli import FAST, FULL_SIZE_PRIOR, box_masks, make_clip, write_masks
 
 NUM, H, W = 6, 64, 96

@@ -17,7 +17,8 @@ import ray  # noqa: F401  (requirements-dev.txt: these tests run in CI)
 from diffueraser_core import cli, distributed, jobs
 from diffueraser_core.model_files import find_model_files
 from diffueraser_core.random_weights import make_models_folder
-from diffueraser_core.video import read_video, write_video
+from diffueraser_core.media_in import read_video
+from diffueraser_core.media_out import write_video
 from diffueraser_core.windows import window_lists
 from test_batch import make_shots
 from test_pipeline_cli import FAST, FULL_SIZE_PRIOR, box_masks, make_clip, write_masks

@@ -90,7 +90,10 @@ def save_unet_main_folder(
     """Write a random unet_main as the official folder (config.json + diffusion_pytorch_model.safetensors)."""
     config = configs.TINY_UNET_MAIN_CONFIG if config is None else config
     model = build_unet_main(config, seed=seed, dtype=dtype)
-    return _write_folder(path, model, config, UNET_MAIN_CLASS_NAME)
+    # The official config.json carries every UNetMotionModel key; the official pipeline reads some the class
+    # ignores (``time_cond_proj_dim``), so the file gets the official values for whatever the tiny config leaves out.
+    file_config = {**{k: v for k, v in configs.UNET_MAIN_CONFIG.items() if not k.startswith("_")}, **dict(config)}
+    return _write_folder(path, model, file_config, UNET_MAIN_CLASS_NAME)
 
 
 def save_brushnet_folder(

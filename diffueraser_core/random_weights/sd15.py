@@ -11,6 +11,9 @@ from safetensors.torch import save_file
 
 from ..models.sd15_components import TEXT_MODEL_PREFIX, VAE_SCALING_FACTOR, vae_diffusers_to_ldm
 
+#: the tag official safetensors files carry (transformers 4.x refuses a model.safetensors without it)
+SAFETENSORS_METADATA = {"format": "pt"}
+
 # sd-vae-ft-mse (reference: shared sd15_components.json)
 FULL_VAE_CONFIG = {
     "act_fn": "silu",
@@ -77,12 +80,12 @@ def save_vae(path: str, config: Optional[dict] = None, seed: int = 0, layout: st
     if layout == "ldm":
         sd = vae_diffusers_to_ldm(sd, len(config["block_out_channels"]), config["layers_per_block"])
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        save_file({k: v.contiguous() for k, v in sd.items()}, path)
+        save_file({k: v.contiguous() for k, v in sd.items()}, path, metadata=SAFETENSORS_METADATA)
     elif layout == "diffusers":
         os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
             json.dump(dict(config, _class_name="AutoencoderKL"), f, indent=1)
-        save_file(sd, os.path.join(path, "diffusion_pytorch_model.safetensors"))
+        save_file(sd, os.path.join(path, "diffusion_pytorch_model.safetensors"), metadata=SAFETENSORS_METADATA)
     else:
         raise ValueError(f"save_vae: layout must be 'ldm' or 'diffusers', got {layout!r}")
     return path
@@ -106,12 +109,12 @@ def save_text_encoder(path: str, config: Optional[dict] = None, seed: int = 0, l
     sd = {(k if k.startswith(TEXT_MODEL_PREFIX) else TEXT_MODEL_PREFIX + k): v for k, v in sd.items()}
     if layout == "single":
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        save_file(sd, path)
+        save_file(sd, path, metadata=SAFETENSORS_METADATA)
     elif layout == "folder":
         os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
             json.dump(dict(config, architectures=["CLIPTextModel"], model_type="clip_text_model"), f, indent=1)
-        save_file(sd, os.path.join(path, "model.safetensors"))
+        save_file(sd, os.path.join(path, "model.safetensors"), metadata=SAFETENSORS_METADATA)
     else:
         raise ValueError(f"save_text_encoder: layout must be 'single' or 'folder', got {layout!r}")
     return path

@@ -128,42 +128,21 @@ def _write_json(path: str, data) -> None:
         json.dump(data, f, indent=1)
 
 
-def _complete_unet_main_config(folder: str) -> None:
-    """Add the keys the official unet_main/config.json has and the tiny generator leaves out (with the official
-    values). The official pipeline reads one of them (``unet.config.time_cond_proj_dim``) and fails without it."""
-    manifest = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "reference",
-                            "diffuEraser_unet_main.json")
-    with open(manifest, encoding="utf-8") as f:
-        official = json.load(f)["config"]
-    path = os.path.join(folder, "config.json")
-    with open(path, encoding="utf-8") as f:
-        config = json.load(f)
-    for key, value in official.items():
-        if not key.startswith("_"):
-            config.setdefault(key, value)
-    _write_json(path, config)
-
-
 def write_weights(root: str, official: bool = False) -> Dict[str, str]:
     """Random tiny weights (seed ``SEED``) in ComfyUI's layout under ``root``; with ``official`` also the folders
     the official code loads (diffusers VAE folder, SD1.5 base folder with tokenizer, text encoder and scheduler,
     the PCM LoRA under weights/PCM_Weights/sd15), built from the same seeds so both sides hold the same numbers."""
-    from safetensors.torch import load_file, save_file
-
     from diffueraser_core.random_weights import PCM_LORA_FILE, make_models_folder, sd15
 
+    # the generator writes the official config keys and the safetensors "format" tag the official code needs
     paths = make_models_folder(root, size="tiny", seed=SEED)
-    _complete_unet_main_config(paths["unet_main"])
     if not official:
         return paths
     # make_models_folder's seeds: VAE seed + 2, text encoder seed + 3
     vae_dir = os.path.join(root, OFFICIAL_VAE)
     sd15.save_vae(vae_dir, seed=SEED + 2, layout="diffusers")
     base = os.path.join(root, OFFICIAL_BASE)
-    text_dir = sd15.save_text_encoder(os.path.join(base, "text_encoder"), seed=SEED + 3, layout="folder")
-    # transformers 4.41 insists on the "format" tag the official model.safetensors carries
-    weights_file = os.path.join(text_dir, "model.safetensors")
-    save_file(load_file(weights_file), weights_file, metadata={"format": "pt"})
+    sd15.save_text_encoder(os.path.join(base, "text_encoder"), seed=SEED + 3, layout="folder")
     _write_json(os.path.join(base, "scheduler", "scheduler_config.json"), SD15_SCHEDULER_CONFIG)
     # The empty prompt only needs the two special tokens (SD1.5's ids); the slow CLIP tokenizer reads these files.
     _write_json(os.path.join(base, "tokenizer", "vocab.json"), {"<|startoftext|>": 49406, "<|endoftext|>": 49407})
