@@ -118,6 +118,37 @@ class ExplicitAttention(TorchFunctionMode):
             free = self.free_bytes() if self.free_bytes is not None else None
             backend = choose_sdpa_backend(q.shape, k.shape, q.dtype, mask is not None, self.capabilities, free)
             self.calls[backend] = self.calls.get(backend, 0) + 1
-            with sdpa_kernel(_sdpa_backend(backend)):
+            # flash may still refuse an input for reasons outside the choice (e.g. strides): memory-efficient is
+            # then the only fallback allowed; math runs only when chosen
+            allowed = {FLASH: [FLASH, EFFICIENT], EFFICIENT: [EFFICIENT], MATH: [MATH]}[backend]
+            with sdpa_kernel([_sdpa_backend(name) for name in allowed]):
                 return func(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+#: classes whose forward calls SDPA (diffusers' Attention in UNet, BrushNet, the motion modules and the VAE;
+#: ProPainter's sparse window attention); hooks on them, not on the networks, also cover calls that do not go
+#: through a network's forward (vae.encode / vae.decode, the generator's img_propagation)
+ATTENTION_MODULE_NAMES = ("Attention", "SparseWindowAttention")
+
+
+def install_explicit_attention(module: torch.nn.Module, capabilities: SdpaCapabilities, free_bytes=None) -> int:
+    """Run every attention layer of ``module`` under ``ExplicitAttention``; returns how many layers got hooks.
+    The mode is left even when the layer raises (``always_call``)."""
+    count = 0
+    for layer in module.modules():
+        if type(layer).__name__ not in ATTENTION_MODULE_NAMES or getattr(layer, "_explicit_attention", False):
+            continue
+        mode = ExplicitAttention(capabilities, free_bytes)
+
+        def enter(_layer, _args, _mode=mode):
+            _mode.__enter__()
+
+        def leave(_layer, _args, _out, _mode=mode):
+            _mode.__exit__(None, None, None)
+
+        layer.register_forward_pre_hook(enter)
+        layer.register_forward_hook(leave, always_call=True)
+        layer._explicit_attention = True
+        count += 1
+    return count
