@@ -28,7 +28,8 @@ if REPO not in sys.path:
 
 import torch  # noqa: E402
 
-from diffueraser_core.device_sim import GIB, fixed_and_per_frame, simulate_removal  # noqa: E402
+from diffueraser_core.device_sim import GIB  # noqa: E402
+from diffueraser_core.device_sim_runs import fixed_and_per_frame, simulate_removal  # noqa: E402
 
 #: H100 SXM dense fp16/bf16 tensor-core peak (no sparsity), TFLOP/s
 H100_DENSE_TFLOPS = 989.0

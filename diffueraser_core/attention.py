@@ -6,8 +6,8 @@ to math silently when the fused kernels refuse an input (dtype, head size, GPU g
 attention call goes through ``choose_sdpa_backend`` (a pure function of shapes, dtype and what the GPU offers):
 flash when it can, else memory-efficient, else math only where its score matrix fits, else a clear error.
 
-``ExplicitAttention`` is the TorchFunctionMode that applies the choice; ``ModelHandle.acquire`` (runtime.py) enters
-it around every forward of a network on a CUDA device. The device simulation (device_sim.py) uses the same
+``ExplicitAttention`` is the TorchFunctionMode that applies the choice; ``ModelHandle.acquire`` (runtime.py) has
+it entered around every attention layer of a network on a CUDA device (``install_explicit_attention``). The device simulation (device_sim.py) uses the same
 choice to model the kernel's memory.
 """
 

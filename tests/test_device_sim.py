@@ -1,4 +1,5 @@
-"""The GPU stand-in (diffueraser_core/device_sim.py): the real stages with full-size networks on ``meta``.
+"""The GPU stand-in (diffueraser_core/device_sim.py, device_sim_runs.py): the real stages with full-size
+networks on ``meta``.
 
 At 1280x720 with the default settings: no op mixes device and host tensors anywhere in the pipeline (also when a
 10 GiB or 8 GiB budget makes the runtime offload networks, and when an 8 GB budget drives the sampler into
@@ -17,8 +18,9 @@ import os
 import pytest
 import torch
 
-from diffueraser_core import device_sim
-from diffueraser_core.device_sim import GIB, DeviceMixingError, DeviceSimulator, simulate_removal
+from diffueraser_core import device_sim_runs
+from diffueraser_core.device_sim import GIB, DeviceMixingError, DeviceSimulator
+from diffueraser_core.device_sim_runs import simulate_removal
 
 BASELINE = os.path.join(os.path.dirname(__file__), "device_sim_baseline.json")
 #: 46 frames: pre-inference runs (more than two 22-frame windows) and sampling has three windows per step
@@ -95,7 +97,7 @@ def test_eight_gb_budget_runs_the_retry_path_and_ends_with_a_clear_error(caplog)
     # stops with its own message (never a device mix-up). The diffusion stages alone show it at a fraction of
     # the cost of the whole pipeline.
     with caplog.at_level(logging.WARNING), pytest.raises(torch.OutOfMemoryError, match="cannot be split further"):
-        device_sim.simulate_diffusion(SHORT_CLIP_FRAMES, (536, 960), budget=8 * 10 ** 9)
+        device_sim_runs.simulate_diffusion(SHORT_CLIP_FRAMES, (536, 960), budget=8 * 10 ** 9)
     assert any("retrying with more memory" in r.getMessage() for r in caplog.records)
 
 
@@ -103,8 +105,8 @@ def test_vae_memory_hints_match_the_simulation():
     from diffueraser_core.pipeline import VAE_DECODE_BYTES_PER_PIXEL, VAE_ENCODE_BYTES_PER_PIXEL
 
     for num, height, width in ((4, 536, 960), (1, 320, 576)):
-        encode = device_sim.vae_activation_peak("encode", num, height, width)
-        decode = device_sim.vae_activation_peak("decode", num, height, width)
+        encode = device_sim_runs.vae_activation_peak("encode", num, height, width)
+        decode = device_sim_runs.vae_activation_peak("decode", num, height, width)
         pixels_bytes = num * height * width * 2  # fp16
         assert 1.0 <= VAE_ENCODE_BYTES_PER_PIXEL * pixels_bytes / encode <= 1.3
         assert 1.0 <= VAE_DECODE_BYTES_PER_PIXEL * pixels_bytes / decode <= 1.3
@@ -113,7 +115,7 @@ def test_vae_memory_hints_match_the_simulation():
 def test_window_memory_hint_matches_the_simulation():
     from diffueraser_core.temporal_sampling import _memory_hint
 
-    simulated = device_sim.window_activation_peak(22, (67, 120))
+    simulated = device_sim_runs.window_activation_peak(22, (67, 120))
     assert 3.5 * GIB < simulated < 4.3 * GIB  # 3.9 GiB: flash / memory-efficient attention
     assert 1.0 <= _memory_hint(22, (67, 120), 1, torch.float16) / simulated <= 1.3
 
