@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Every GPU measurement issue 6 asks for, in phases that each fit one 10-minute device call.
+# Every GPU measurement issues 6 and 12 ask for, in phases that each fit one 10-minute device call.
 #
 #   bash bench/gpu_suite.sh setup        # wheels, full-size random weights, GPU-only tests (deform conv parity)
 #   bash bench/gpu_suite.sh targets      # 640x360 and 1280x720 x 250 frames, end to end, default dtype
 #   bash bench/gpu_suite.sh flat         # 640x360 x 50 / 250 / 1000 frames: time per frame must stay flat
 #   bash bench/gpu_suite.sh techniques   # one switch at a time at 640x360 x 100 frames, against the plain run
 #   bash bench/gpu_suite.sh budget       # 1280x720 x 250 inside a 10 GB and an 8 GB card (hard allocator cap)
+#   bash bench/gpu_suite.sh calibrate    # issue 12: 1280x720 x 250 measured and simulated (peak per stage, time),
+#                                        # host CPU-s per frame with the blend on the GPU, the attention / half-
+#                                        # precision / simulation tests; writes the numbers into bench/README.md
 #
 # Results are appended to $OUT/gpu_<phase>.json (or bench/results/gpu_<phase>.local.json without $OUT) and the
 # log goes to the same folder. A machine without diffusers/PyAV gets them from wheels carried in .whl/ (see
@@ -62,7 +65,15 @@ case "$phase" in
     bench --resolution 1280x720 --frames 250 --vram-budget-gb 10 --json "$(json budget)"
     bench --resolution 1280x720 --frames 250 --vram-budget-gb 8 --json "$(json budget)"
     ;;
+  calibrate)
+    python3 -m pytest -q -p no:cacheprovider tests/test_attention_choice.py tests/test_half_precision.py
+    python3 bench/host_work.py --resolution 1280x720 --device cuda --json "$out/host_gpu.json"
+    bench --resolution 1280x720 --frames 250 --json "$out/gpu_calibrate.json"
+    # the simulation of the same clip does not depend on the machine: bench/results/sim_h100_1280x720x250.json
+    # (python3 bench/simulate_gpu.py --frames 250, minutes of CPU) unless $out/sim_calibrate.json exists
+    python3 bench/gpu_readme.py "$out"
+    ;;
   *)
-    echo "gpu_suite: unknown phase $phase (setup, targets, flat, techniques, budget)"; exit 2
+    echo "gpu_suite: unknown phase $phase (setup, targets, flat, techniques, budget, calibrate)"; exit 2
     ;;
 esac

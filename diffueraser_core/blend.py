@@ -80,12 +80,12 @@ def gaussian_blur(x: torch.Tensor, size: int) -> torch.Tensor:
     if size == 1:
         return x.clone()
     radius = size // 2
-    kernel = gaussian_kernel_1d(size).to(x.dtype)
+    kernel = gaussian_kernel_1d(size).to(x.device, x.dtype)
     n, h, w = x.shape
     y = x.unsqueeze(1)
-    y = y.index_select(3, _reflect101_index(w, radius))
+    y = y.index_select(3, _reflect101_index(w, radius).to(x.device))
     y = F.conv2d(y, kernel.view(1, 1, 1, size))
-    y = y.index_select(2, _reflect101_index(h, radius))
+    y = y.index_select(2, _reflect101_index(h, radius).to(x.device))
     y = F.conv2d(y, kernel.view(1, 1, size, 1))
     return y[:, 0]
 
@@ -190,6 +190,7 @@ def blend_video(
     feather: int = DEFAULT_FEATHER,
     chunk: int = FRAME_CHUNK,
     out: Optional[torch.Tensor] = None,
+    device: Optional[torch.device] = None,
 ) -> torch.Tensor:
     """Composite ``generated`` (uint8 ``[T,h,w,3]``, working size) over ``original`` (uint8 ``[T,H,W,3]``).
 
@@ -199,6 +200,11 @@ def blend_video(
     (copied); ``out`` has its dtype and shape. Returns uint8 ``[T,H,W,3]``, written into ``out`` when given;
     ``out`` may be ``original`` itself (each chunk is read before it is overwritten), which saves a full copy
     of the video.
+
+    ``device``: where the work runs, a chunk at a time (mask resizes and morphology, feather, bicubic resize,
+    composite); the inputs and ``out`` stay where they are and only uint8/bool chunks travel. At 720p this is
+    about 0.3 CPU-seconds a frame on the host otherwise (bench/host_work.py). The same ops run either way, so
+    pixels with weight 0 are the original's bit for bit on every device.
     """
     node = "DiffuEraser Blend"
     _check_inputs(original, generated, masks, node, mask_size_free=True)
@@ -217,10 +223,15 @@ def blend_video(
             f"{out.dtype} {tuple(out.shape)}"
         )
     for s in range(0, original.shape[0], chunk):
-        prepared = prepare_blend_masks(masks[s : s + chunk], work, int(mask_dilation), size)
+        part_masks, part_generated = masks[s : s + chunk], generated[s : s + chunk]
+        part_original = original[s : s + chunk]
+        if device is not None:
+            part_masks, part_generated = part_masks.to(device), part_generated.to(device)
+            part_original = part_original.to(device)
+        prepared = prepare_blend_masks(part_masks, work, int(mask_dilation), size)
         alpha = blend_weights(prepared, feather)
-        gen = resize_frames(generated[s : s + chunk], size)
-        out[s : s + chunk] = _composite(original[s : s + chunk], gen, alpha)
+        gen = resize_frames(part_generated, size)
+        out[s : s + chunk] = _composite(part_original, gen, alpha).to(out.device)
     return out
 
 

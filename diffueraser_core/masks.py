@@ -118,7 +118,7 @@ def resize_masks_nearest(masks: torch.Tensor, size: Tuple[int, int]) -> torch.Te
     h, w = int(size[0]), int(size[1])
     if tuple(masks.shape[1:]) == (h, w):
         return masks
-    out = torch.empty((masks.shape[0], h, w), dtype=torch.bool)
+    out = torch.empty((masks.shape[0], h, w), dtype=torch.bool, device=masks.device)
     for start in range(0, masks.shape[0], MASK_CHUNK):
         chunk = masks[start : start + MASK_CHUNK].to(torch.float32).unsqueeze(1)
         # "nearest-exact" samples at pixel centres like PIL; plain "nearest" is shifted by half a pixel.

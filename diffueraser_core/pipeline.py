@@ -49,10 +49,14 @@ log = logging.getLogger(__name__)
 
 #: frames per VAE call (reference: encode in chunks of 4)
 VAE_CHUNK = 4
-#: VAE activation bytes per image pixel per byte of dtype, for memory_required hints (the estimates ComfyUI uses
-#: for the SD1.5 VAE: the decoder at full resolution dominates)
-VAE_ENCODE_BYTES_PER_PIXEL = 1767
-VAE_DECODE_BYTES_PER_PIXEL = 2178
+#: VAE activation bytes per image pixel per byte of dtype, for memory_required hints. Derived from the device
+#: simulation (device_sim_runs.vae_activation_peak, full-size sd-vae-ft-mse with fused attention: 640 for an encode,
+#: 768 for a decode, the same at every size and batch) plus about 10% for the allocator's rounding and the
+#: kernels' workspaces; tests/test_device_sim.py keeps them within 1.0-1.3x of the simulation. (ComfyUI's
+#: figures for this VAE, 1767 / 2178, were 2.7-2.8x too high: under a 10 GB budget they pushed UNet and BrushNet
+#: off the card before every decode although everything fits.)
+VAE_ENCODE_BYTES_PER_PIXEL = 704
+VAE_DECODE_BYTES_PER_PIXEL = 845
 NODE = "DiffuEraser"
 
 
@@ -180,6 +184,14 @@ class DiffuEraserModels:
     scheduler: str = "tcd"
 
 
+def _host_work_device(runtime) -> Optional[torch.device]:
+    """Where the per-frame image work (resizes, mask morphology, feather, composite) runs: the compute device,
+    a chunk at a time, unless that is the CPU anyway (at 720p it is about 0.35 CPU-seconds a frame on the host,
+    bench/host_work.py)."""
+    device = torch.device(runtime.device)
+    return None if device.type == "cpu" else device
+
+
 def _check_video(frames: torch.Tensor, where: str) -> None:
     if not isinstance(frames, torch.Tensor) or frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[-1] != 3:
         desc = f"{frames.dtype} {tuple(frames.shape)}" if isinstance(frames, torch.Tensor) else type(frames).__name__
@@ -293,7 +305,8 @@ def sample_video(
     check_latent_frames(start.num_frames, int(frames.shape[0]), where)
     latent_hw = start.latent_hw
     if conditioning is None:
-        conditioning = build_conditioning(frames, masks, latent_hw, codec, settings.mask_dilation)
+        conditioning = build_conditioning(frames, masks, latent_hw, codec, settings.mask_dilation,
+                                          device=_host_work_device(runtime))
     scheduler = settings.scheduler if settings.scheduler != "auto" else getattr(models, "scheduler", "tcd")
     check_scheduler(scheduler, where)
     if scheduler == "lcm":
@@ -366,13 +379,15 @@ def decode_and_blend(
         base = out = original
     if out is None:
         out = torch.empty_like(frames)
+    # the composite (mask resizes and morphology, feather, bicubic resize) runs on the compute device
+    blend_device = _host_work_device(runtime)
     for start in range(0, num, FRAME_CHUNK):
         stop = min(start + FRAME_CHUNK, num)
         generated = codec.decode(latents[start:stop])
         runtime.progress("decode", stop, num)
         blend_video(
             base[start:stop], generated, masks[start:stop], mask_dilation=mask_dilation, feather=feather,
-            out=out[start:stop],
+            out=out[start:stop], device=blend_device,
         )
         runtime.progress("blend", stop, num)
         runtime.check_interrupt()
@@ -461,7 +476,8 @@ def remove_objects(
     prior_latent = encoder.result()
     del encoder
     latent_hw = (work_h // 8, work_w // 8)
-    conditioning = build_conditioning(frames, masks, latent_hw, codec, sampler_settings.mask_dilation)
+    conditioning = build_conditioning(frames, masks, latent_hw, codec, sampler_settings.mask_dilation,
+                                      device=_host_work_device(runtime))
     if injection_settings.mode == "ddim_inversion":
         start = invert_prior(
             prior_latent,

@@ -37,6 +37,7 @@ class ModelHandle:
         self.name = name
         self._compiled: Optional[torch.nn.Module] = None
         self._channels_last = False
+        self._attention_chosen = False
 
     def acquire(self, memory_required: int = 0) -> torch.nn.Module:
         rt = self.runtime
@@ -48,6 +49,12 @@ class ModelHandle:
         # Stages acquire once per window; only move when something changed (a no-op .to() is not free).
         if moving:
             self.module.to(device=device, dtype=dtype)
+        if device.type == "cuda" and not self._attention_chosen and self.name not in rt.compile_networks:
+            # the SDPA kernel is chosen explicitly (flash / memory-efficient), never a silent math fallback
+            from .attention import cuda_capabilities, install_explicit_attention
+
+            install_explicit_attention(self.module, cuda_capabilities(device), rt.free_device_memory)
+            self._attention_chosen = True
         if rt.channels_last and not self._channels_last:
             to_channels_last(self.module)
             self._channels_last = True

@@ -125,12 +125,14 @@ def build_conditioning(
     codec,
     mask_dilation: int = 8,
     chunk: int = CONDITIONING_CHUNK,
+    device: Optional[torch.device] = None,
 ) -> Conditioning:
     """Conditioning of uint8 frames ``[T,H,W,3]`` (any size) and raw bool hole masks ``[T,H,W]`` (True = hole).
 
     Chunk by chunk: frames resized to the working size (latent size x 8, bicubic), masks resized (nearest) and
     prepared as the reference (erode 1, dilate ``mask_dilation``), holes blacked out, encoded. ``masks=None`` means
-    every pixel is known (e.g. conditioning on the prior itself).
+    every pixel is known (e.g. conditioning on the prior itself). ``device``: where the resizes and the mask
+    preparation run (uint8/bool chunks travel; the VAE takes the chunk from there), else on the host.
     """
     from .masks import prepare_diffueraser_masks, resize_masks_nearest
     from .video import resize_frames
@@ -144,9 +146,11 @@ def build_conditioning(
     known = torch.ones((num, h, w), dtype=torch.bool)
     for start in range(0, num, chunk):
         stop = min(start + chunk, num)
-        part = resize_frames(frames[start:stop], size)
+        part_frames = frames[start:stop] if device is None else frames[start:stop].to(device)
+        part = resize_frames(part_frames, size)
         if masks is not None:
-            holes = prepare_diffueraser_masks(resize_masks_nearest(masks[start:stop], size), mask_dilation)
+            part_masks = masks[start:stop] if device is None else masks[start:stop].to(device)
+            holes = prepare_diffueraser_masks(resize_masks_nearest(part_masks, size), mask_dilation)
             part = masked_frames(part, holes)
             known[start:stop] = known_at_latent_size(holes, (h, w))
         masked_latents[start:stop] = codec.encode(part).to(torch.float32) * VAE_SCALING

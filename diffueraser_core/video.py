@@ -138,7 +138,7 @@ def resize_frames(
         return frames
     if mode not in ("bicubic", "bilinear", "nearest"):
         raise InputError(f"resize_frames: mode must be bicubic, bilinear or nearest, got {mode!r}")
-    out = torch.empty((frames.shape[0], h, w, frames.shape[3]), dtype=torch.uint8)
+    out = torch.empty((frames.shape[0], h, w, frames.shape[3]), dtype=torch.uint8, device=frames.device)
     for s in range(0, frames.shape[0], chunk):
         part = frames[s : s + chunk].to(torch.float32).permute(0, 3, 1, 2)
         if mode == "nearest":

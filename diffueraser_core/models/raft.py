@@ -116,7 +116,9 @@ class CorrBlock:
         self.radius = radius
         batch, dim, height, width = fmap1.shape
         # The volume is (H*W/64)^2 per pair: compute and keep it in fp32 even under autocast or a half model.
-        with torch.autocast(device_type=fmap1.device.type, enabled=False):
+        # (autocast knows no "meta" device: the device simulation runs there, and autocast is off there anyway)
+        autocast_device = "cpu" if fmap1.device.type == "meta" else fmap1.device.type
+        with torch.autocast(device_type=autocast_device, enabled=False):
             f1 = fmap1.float().reshape(batch, dim, height * width)
             f2 = fmap2.float().reshape(batch, dim, height * width)
             corr = torch.matmul(f1.transpose(1, 2), f2) / (float(dim) ** 0.5)
