@@ -106,7 +106,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
 
 class _ProgressPrinter:
     """Progress reports (a window, a chunk, a stage step) on ``stream``: on a terminal one tqdm bar per stage with its
-    rate and ETA and the job's elapsed time; otherwise one plain line per report."""
+    rate and ETA, and the whole job's share done, elapsed time and ETA beside it (from the ``job`` count,
+    ``progress.JobProgress``); otherwise one plain line per report (the job's only when its whole percent changes)."""
 
     def __init__(self, stream, quiet: bool):
         import time
@@ -118,16 +119,37 @@ class _ProgressPrinter:
         self.bars = bool(isatty and isatty())
         self.bar = None
         self.stage = None
+        self.job_fraction = None
+        self.job_percent = None
+
+    def _job_text(self) -> str:
+        import time
+
+        elapsed = time.monotonic() - self.started
+        if not self.job_fraction:
+            return f"job {elapsed:.0f}s"
+        eta = elapsed * (1.0 - self.job_fraction) / self.job_fraction
+        return f"job {100 * self.job_fraction:.0f}% {elapsed:.0f}s, ETA {eta:.0f}s"
 
     def __call__(self, stage, done, total, preview=None):
+        from .progress import JOB_STAGE
+
         if self.quiet:
+            return
+        if stage == JOB_STAGE:
+            self.job_fraction = min(1.0, done / max(1, total))
+            percent = int(100 * self.job_fraction)
+            if not self.bars and percent != self.job_percent:
+                self.stream.write(f"[diffueraser] {self._job_text()}\n")
+                self.stream.flush()
+            self.job_percent = percent
+            if self.bars and self.bar is not None:
+                self.bar.set_postfix_str(self._job_text(), refresh=True)
             return
         if not self.bars:
             self.stream.write(f"[diffueraser] {stage}: {done}/{total}\n")
             self.stream.flush()
             return
-        import time
-
         from tqdm import tqdm
 
         if stage != self.stage or self.bar is None or self.bar.total != total or done < self.bar.n:
@@ -135,7 +157,7 @@ class _ProgressPrinter:
             self.bar = tqdm(total=total, desc=f"[diffueraser] {stage}", file=self.stream, leave=True,
                             dynamic_ncols=True, unit="step")
             self.stage = stage
-        self.bar.set_postfix_str(f"job {time.monotonic() - self.started:.0f}s", refresh=False)
+        self.bar.set_postfix_str(self._job_text(), refresh=False)
         self.bar.update(max(0, done - self.bar.n))
         if done >= total:
             self.close()

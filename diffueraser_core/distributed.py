@@ -53,6 +53,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from .progress import JobProgress  # noqa: F401  (the whole-job count; also used by the local engine)
 from .errors import InputError
 from .pipeline import _PriorLatentSink
 
@@ -266,24 +267,6 @@ class _RemoteEncodeSink(_PriorLatentSink):
         while self.collected < len(self.pending):
             self._collect_one()
         return super().result()
-
-
-class JobProgress:
-    """Progress of the whole job: each stage's own count, then a ``job`` count of weighted units over all stages
-    (weights: frames each stage touches; a sampling window counts its frames)."""
-
-    def __init__(self, callback: Optional[Callable], weights: Dict[str, int]):
-        self.callback = callback
-        self.weights = {k: int(v) for k, v in weights.items() if v > 0}
-        self.total = max(1, sum(self.weights.values()))
-        self.fraction: Dict[str, float] = {}
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        self.fraction[stage] = min(1.0, done / max(1, total))
-        if self.callback is not None:
-            self.callback(stage, done, total)
-            units = sum(int(w * self.fraction.get(k, 0.0)) for k, w in self.weights.items())
-            self.callback("job", units, self.total)
 
 
 class RayRemover:

@@ -72,6 +72,15 @@ class LocalEngine:
         from .pipeline import remove_objects
 
         sampler, injection, propainter = settings
+        printer = self.runtime.progress_callback
+        self.runtime.progress_callback = local_job_progress(printer, int(frames.shape[0]), sampler, prior_only)
+        try:
+            return self._remove(frames, masks, settings, max_side, prior_only, output, original, remove_objects)
+        finally:
+            self.runtime.progress_callback = printer
+
+    def _remove(self, frames, masks, settings, max_side, prior_only, output, original, remove_objects):
+        sampler, injection, propainter = settings
         return remove_objects(
             frames,
             masks,
@@ -94,6 +103,27 @@ class LocalEngine:
 
     def close(self) -> None:
         pass
+
+
+def local_job_progress(printer, num: int, sampler, prior_only: bool):
+    """The whole-job count for one single-process removal: the stages ``remove_objects`` reports, weighted by the
+    frames each pass touches (the VAE encodes twice: the prior's frames, then the conditioning)."""
+    from .pre_inference import MIN_WINDOWS_FOR_PRE_INFERENCE
+    from .progress import JobProgress
+    from .windows import window_lists
+
+    if prior_only:
+        return JobProgress(printer, {"prior": num})
+    window = sampler.window_settings()
+    list_a, list_b = window_lists(num, window.window_length, window.window_overlap)
+    window_frames = sum(
+        sum(stop - start for start, stop in (list_a if n % 2 == 0 else list_b)) for n in range(sampler.steps)
+    )
+    long_enough = num > MIN_WINDOWS_FOR_PRE_INFERENCE * window.window_length
+    pre = window.window_length if sampler.pre_inference and long_enough else 0
+    weights = {"prior": num, "encode": num, "pre-inference": pre * sampler.steps, "sampling": window_frames,
+               "decode": num}
+    return JobProgress(printer, weights, passes={"encode": 2})
 
 
 class RayEngine:

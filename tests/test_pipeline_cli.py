@@ -6,6 +6,7 @@ uses 2 TCD steps.
 
 import fractions
 import io
+import re
 from contextlib import redirect_stderr
 
 import pytest
@@ -112,6 +113,9 @@ def test_long_clip_runs_pre_inference_and_keeps_pixels_outside_the_mask(tmp_path
     code, log = run_cli([*common, tmp_path / "out1", *opts, "--seed", "1"])
     assert code == 0, log
     assert "pre-inference" in log and "sampling: " in log and "prior" in log
+    # the whole job's share: whole percents only, never going back, reaching 100% with an ETA on every line
+    job = [int(m) for m in re.findall(r"\] job (\d+)% \d+s, ETA \d+s", log)]
+    assert job and job == sorted(job) and len(set(job)) == len(job) and job[-1] == 100, job
     out1 = read_video(str(tmp_path / "out1")).frames
     assert out1.shape == frames.shape
     # erode 1 / dilate 2 (+1 px of nearest resizing) and the 21 px feather (10 px) -> nothing changes beyond 14 px
