@@ -139,9 +139,19 @@ class RayEngine:
         from . import cli
         from .distributed import RayRemover, WorkerSpec, init_cluster
 
+        from .errors import InputError
+        from .schedule import scheduler_for_lora
+
+        lora = None if args.prior_only else cli._resolve_lora(found, models_dir, args.lora)
+        scheduler = args.scheduler if args.scheduler != "auto" else scheduler_for_lora(lora)
+        if not args.prior_only and scheduler == "lcm":
+            # the workers step every window with TCD; LCM's per-window step noise is not distributed yet
+            raise InputError(
+                f"{cli.PROG} --ray: the LCM sampler (--scheduler {args.scheduler}, LoRA {lora!r}) does not run on "
+                "Ray yet; run it without --ray, or use a TCD PCM LoRA (pcm_sd15_smallcfg_*)"
+            )
         address = None if args.ray in ("", "local") else args.ray
         init_cluster(address)
-        lora = None if args.prior_only else cli._resolve_lora(found, models_dir, args.lora)
         spec = WorkerSpec(
             model_paths={k: v for k, v in found.items() if v},
             prior_only=bool(args.prior_only),

@@ -36,3 +36,23 @@ def test_ray_option_without_ray_installed_is_a_clear_error(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "--ray needs the Ray package, which is not installed" in done.stdout
     assert "pip install" in done.stdout and "[distributed]" in done.stdout
+
+
+def test_ray_with_the_lcm_sampler_is_refused_before_the_cluster_starts(tmp_path):
+    # the workers step windows with TCD only: an LCM run under --ray must say so before any cluster or network starts
+    done = run_python(
+        "import sys, argparse\n"
+        "sys.modules['ray'] = None  # any attempt to start a cluster would fail differently\n"
+        "from diffueraser_core import jobs\n"
+        "args = argparse.Namespace(ray='local', prior_only=False, lora='pcm_sd15_lcmlike_lora_converted.safetensors',\n"
+        "                          scheduler='auto', lora_strength=1.0, device='cpu', ray_workers=1,\n"
+        "                          ray_cpus_per_worker=1)\n"
+        "from diffueraser_core import cli\n"
+        "cli._resolve_lora = lambda found, models_dir, lora: lora\n"
+        "try:\n"
+        "    jobs.RayEngine.start(args, {}, '.', print)\n"
+        "except ValueError as exc:\n"
+        "    print('ERROR', exc)\n"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "ERROR" in done.stdout and "--ray: the LCM sampler" in done.stdout and "without --ray" in done.stdout
