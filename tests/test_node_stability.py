@@ -17,6 +17,7 @@ PUBLISHED_NODE_IDS = {
     "DiffuEraserPriorInjection",
     "DiffuEraserSampler",
     "DiffuEraserBlend",
+    "DiffuEraserPrepareMask",
 }
 
 
@@ -37,7 +38,7 @@ def test_every_id_has_a_display_name_and_deprecation_is_a_flag():
 
 
 def test_shipped_workflows_use_only_registered_pack_ids():
-    for path in sorted((pathlib.Path(__file__).resolve().parents[1] / "workflows").glob("*.json")):
+    for path in sorted((pathlib.Path(__file__).resolve().parents[1] / "example_workflows").glob("*.json")):
         workflow = json.loads(path.read_text())
         for node in workflow["nodes"]:
             if node["type"].startswith("DiffuEraser"):
