@@ -190,6 +190,8 @@ def encode_prior(prior_frames: torch.Tensor, working_size: Tuple[int, int], code
         raise InputError(f"{NODE} prior encode: working size {w}x{h} is not a multiple of 8")
     num = prior_frames.shape[0]
     out = torch.empty((num, 4, h // 8, w // 8), dtype=torch.float32)
+    if runtime is not None:
+        runtime.progress("encode", 0, num)
     for start in range(0, num, FRAME_CHUNK):
         stop = min(start + FRAME_CHUNK, num)
         out[start:stop] = codec.encode(resize_frames(prior_frames[start:stop], (h, w)))
@@ -218,6 +220,8 @@ class _PriorLatentSink:
         self.received = 0
         self.encoded = 0
         self.waiting: list = []  # input-size frames [encoded, received), in order
+        if runtime is not None:
+            runtime.progress("encode", 0, self.num)  # as encode_prior: the stage is announced before any chunk
 
     def __call__(self, start: int, stop: int, frames: torch.Tensor) -> None:
         from .video import resize_frames
@@ -279,7 +283,7 @@ def sample_video(
     check_latent_frames(start.num_frames, int(frames.shape[0]), where)
     latent_hw = start.latent_hw
     if conditioning is None:
-        conditioning = build_conditioning(frames, masks, latent_hw, codec, settings.mask_dilation)
+        conditioning = build_conditioning(frames, masks, latent_hw, codec, settings.mask_dilation, runtime=runtime)
     timesteps = tcd_timesteps(settings.steps, start.strength)
     if timesteps[0] != start.start_timestep:
         log.warning(
@@ -404,7 +408,8 @@ def remove_objects(
     prior_latent = encoder.result()
     del encoder
     latent_hw = (work_h // 8, work_w // 8)
-    conditioning = build_conditioning(frames, masks, latent_hw, codec, sampler_settings.mask_dilation)
+    conditioning = build_conditioning(frames, masks, latent_hw, codec, sampler_settings.mask_dilation,
+                                      runtime=runtime)
     if injection_settings.mode == "ddim_inversion":
         start = invert_prior(
             prior_latent,

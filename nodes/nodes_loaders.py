@@ -11,7 +11,7 @@ import os
 from typing import Callable, Dict, Tuple
 
 from . import folders
-from .bridge import ComfyRuntime, get_runtime, with_weight_patches
+from .bridge import ComfyRuntime, get_runtime, install_heartbeats, with_weight_patches
 from .comfy_io import io
 from .common import CATEGORY_ROOT, DiffuEraserModelType, ProPainterModelType
 
@@ -37,7 +37,9 @@ def _cached_handle(slot: str, key: tuple, runtime, build: Callable[[], object], 
     if cached is not None and cached[0] == key:
         return cached[1]
     _LOADED.pop(slot, None)  # drop the previous network before building the next one
-    handle = runtime.wrap(build(), name)
+    module = build()
+    install_heartbeats(module)  # progress and cancel inside its long forwards
+    handle = runtime.wrap(module, name)
     _LOADED[slot] = (key, handle)
     return handle
 

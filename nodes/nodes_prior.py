@@ -163,7 +163,7 @@ class DiffuEraserPriorInjection(io.ComfyNode):
         settings = prior_injection.InjectionSettings(
             mode=mode, seed=int(seed), strength=float(strength), inversion_steps=int(inversion_steps)
         )
-        prior_latent = encode_prior(frames, size, codec)
+        prior_latent = encode_prior(frames, size, codec, runtime)
         if mode == "forward_noise":
             start = prior_injection.inject_forward_noise(prior_latent, settings)
         else:

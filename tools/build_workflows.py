@@ -27,6 +27,11 @@ NODE_W = 300
 GROUP_PAD = 20
 GROUP_TITLE = 40
 STAGE_COLORS = ("#3f789e", "#8a5a3b", "#6b4f9e", "#3f7f5a", "#7a7a3b")
+# The view saved with the workflow (extra.ds): the whole graph on a 1920x1080 screen below the frontend's menu
+# and beside its side bar, at most 80% zoom and never below 60% (where the frontend stops drawing titles).
+SCREEN_W, SCREEN_H = 1920, 1080
+VIEW_LEFT, VIEW_TOP, VIEW_MARGIN = 80, 100, 20
+MAX_SCALE, MIN_SCALE = 0.8, 0.6
 
 # Core nodes used (ComfyUI 0.3.64 declarations; SAM3 ones from ComfyUI >= 0.19.3): sockets in, outputs.
 CORE = {
@@ -151,12 +156,23 @@ class Graph:
         w, h = node["size"]
         return x, y - 30, w, h + 30
 
+    def view(self) -> dict:
+        boxes = [self.box(n) for n in self.nodes] + [tuple(g["bounding"]) for g in self.groups]
+        x0 = min(b[0] for b in boxes)
+        y0 = min(b[1] for b in boxes)
+        x1 = max(b[0] + b[2] for b in boxes)
+        y1 = max(b[1] + b[3] for b in boxes)
+        scale = min(MAX_SCALE, (SCREEN_W - VIEW_LEFT - VIEW_MARGIN) / (x1 - x0),
+                    (SCREEN_H - VIEW_TOP - VIEW_MARGIN) / (y1 - y0))
+        scale = round(max(MIN_SCALE, scale), 3)
+        return {"scale": scale, "offset": [round(VIEW_LEFT / scale - x0, 1), round(VIEW_TOP / scale - y0, 1)]}
+
     def to_json(self) -> dict:
         return {
             "id": str(uuid.uuid5(uuid.NAMESPACE_URL, "diffueraser/" + self.name)),
             "revision": 0, "last_node_id": len(self.nodes), "last_link_id": len(self.links),
             "nodes": self.nodes, "links": self.links, "groups": self.groups, "config": {},
-            "extra": {"ds": {"scale": 0.8, "offset": [40, 360]}, "frontendVersion": FRONTEND_VERSION},
+            "extra": {"ds": self.view(), "frontendVersion": FRONTEND_VERSION},
             "version": 0.4,
         }
 

@@ -252,3 +252,23 @@ def test_interrupt_stops_a_long_run_and_server_keeps_working(comfy_host):
     follow_up[prepare_id]["inputs"]["mask_dilation"] = 2
     entry = _run(comfy_host, follow_up)
     _check_saved_video(comfy_host, entry, clip, _holes_used(follow_up, clip))
+
+
+def test_standin_schema_serialises_as_the_host(comfy_host, monkeypatch):
+    """nodes/io_standin.py (the V3 API stand-in used without ComfyUI) publishes every node exactly as the real
+    ComfyUI does for the same declarations: same inputs, options, order, outputs, names and flags."""
+    import nodes as pack
+    from nodes import comfy_io, folders
+
+    assert not comfy_io.HOST_API, "the test process should run the stand-in"
+    # the loaders' combos list the host's model folders
+    monkeypatch.setenv(folders.MODELS_DIR_ENV, os.path.join(comfy_host.base_dir, "models"))
+    info = comfy_host.server.get_json("/object_info")
+    for node_id, cls in pack.NODE_CLASS_MAPPINGS.items():
+        schema = cls.define_schema()
+        schema.finalize()
+        ours = json.loads(json.dumps(schema.get_v1_info(cls)))
+        published = info[node_id]
+        assert set(published) - set(ours) <= {"api_node", "python_module"}, node_id
+        for key, value in ours.items():
+            assert published[key] == value, (node_id, key, published[key], value)
