@@ -70,7 +70,8 @@ class DiffuEraserModelLoader(io.ComfyNode):
                 io.Combo.Input("brushnet", options=folders.choices(dfolder, "brushnet", exclude=("unet_main", "pcm_")),
                                tooltip=("DiffuEraser BrushNet: the diffuEraser/brushnet folder or a single "
                                         ".safetensors in models/diffueraser.")),
-                io.Combo.Input("pcm_lora", options=folders.choices(dfolder, "pcm_sd15", exclude=("unet_main", "brushnet"))
+                io.Combo.Input("pcm_lora",
+                               options=folders.choices(dfolder, "pcm_sd15", exclude=("unet_main", "brushnet"))
                                + [NO_LORA],
                                tooltip=("PCM LoRA for few-step sampling (pcm_sd15_smallcfg_2step_converted."
                                         "safetensors for 2 steps, as the reference). 'none' runs the UNet without "

@@ -1,6 +1,8 @@
 """Writes example_workflows/*.json (and their template-browser thumbnails) from one description per workflow.
 
-Run from the repository root: ``python tools/build_workflows.py``. The JSON is what the frontend saves (UI format,
+Run from the repository root: ``python tools/build_workflows.py [--screenshots DIR]``; the thumbnails are made
+from real screenshots of the loaded workflows when given (tests/integration/test_browser.py with
+DIFFUERASER_SCREENSHOTS=DIR), kept when present, drawn when missing. The JSON is what the frontend saves (UI format,
 version 0.4); the pack's socket and widget order are read from the node declarations, so a workflow cannot drift
 from them. Layout rules the tests check (tests/test_workflows.py): every node inside its stage's group, no two
 boxes (title bar included) overlapping, the whole graph at most one screen (1920 px) wide.
@@ -27,11 +29,18 @@ NODE_W = 300
 GROUP_PAD = 20
 GROUP_TITLE = 40
 STAGE_COLORS = ("#3f789e", "#8a5a3b", "#6b4f9e", "#3f7f5a", "#7a7a3b")
-# The view saved with the workflow (extra.ds): the whole graph on a 1920x1080 screen below the frontend's menu
-# and beside its side bar, at most 80% zoom and never below 60% (where the frontend stops drawing titles).
-SCREEN_W, SCREEN_H = 1920, 1080
-VIEW_LEFT, VIEW_TOP, VIEW_MARGIN = 80, 100, 20
+# The view saved with the workflow (extra.ds, in canvas pixels): the whole graph on the canvas of a 1920x1080
+# window (frontend 1.27: the canvas starts right of the 64 px side bar and below the 76 px menu), at most 80% zoom
+# and never below 60% (where the frontend stops drawing titles and widgets).
+SCREEN_W, SCREEN_H = 1920 - 64, 1080 - 76
+VIEW_LEFT, VIEW_TOP, VIEW_MARGIN = 16, 16, 16
 MAX_SCALE, MIN_SCALE = 0.8, 0.6
+# Heights the frontend gives the nodes with a media preview (it grows them to fit; seen in the browser test's
+# layout report), and the rows below them.
+LOAD_VIDEO_H = 320
+LOAD_IMAGE_H = 340
+ROW2 = LOAD_VIDEO_H + 70
+ROW3 = ROW2 + LOAD_VIDEO_H + 110
 
 # Core nodes used (ComfyUI 0.3.64 declarations; SAM3 ones from ComfyUI >= 0.19.3): sockets in, outputs.
 CORE = {
@@ -65,7 +74,8 @@ MODELS = {
                    for name in ("raft-things.pth", "recurrent_flow_completion.pth", "ProPainter.pth")],
     "diffueraser": [dict(name=f"diffuEraser/{part}/{f}", directory="diffueraser",
                          url=f"https://huggingface.co/lixiaowen/diffuEraser/resolve/main/{part}/{f}")
-                    for part in ("unet_main", "brushnet") for f in ("config.json", "diffusion_pytorch_model.safetensors")]
+                    for part in ("unet_main", "brushnet")
+                    for f in ("config.json", "diffusion_pytorch_model.safetensors")]
     + [dict(name="pcm_sd15_smallcfg_2step_converted.safetensors", directory="diffueraser",
             url="https://huggingface.co/wangfuyun/PCM_Weights/resolve/main/sd15/"
                 "pcm_sd15_smallcfg_2step_converted.safetensors")],
@@ -194,16 +204,16 @@ MODEL_FILES_TEXT = (
 
 def video_and_mask(g: Graph, mask_from_video: bool = True) -> Dict[str, int]:
     ids = {}
-    ids["video"] = g.add("LoadVideo", 0, 0, ["input_video.mp4", "image"], title="Video", height=270)
+    ids["video"] = g.add("LoadVideo", 0, 0, ["input_video.mp4", "image"], title="Video", height=LOAD_VIDEO_H)
     ids["video_parts"] = g.add("GetVideoComponents", 1, 0)
     if mask_from_video:
-        ids["mask_file"] = g.add("LoadVideo", 0, 340, ["input_mask.mp4", "image"],
-                                 title="Mask video (object in any colour on black)", height=270)
-        ids["mask_parts"] = g.add("GetVideoComponents", 1, 340)
+        ids["mask_file"] = g.add("LoadVideo", 0, ROW2, ["input_mask.mp4", "image"],
+                                 title="Mask video (object in any colour on black)", height=LOAD_VIDEO_H)
+        ids["mask_parts"] = g.add("GetVideoComponents", 1, ROW2)
     else:
-        ids["mask_file"] = g.add("LoadImage", 0, 340, ["mask.png", "image"],
-                                 title="Mask (paint it in the mask editor; used for every frame)", height=300)
-    ids["prepare"] = g.add("DiffuEraserPrepareMask", 1, 470 if mask_from_video else 340, [8, 0.5])
+        ids["mask_file"] = g.add("LoadImage", 0, ROW2, ["mask.png", "image"],
+                                 title="Mask (paint it in the mask editor; used for every frame)", height=LOAD_IMAGE_H)
+    ids["prepare"] = g.add("DiffuEraserPrepareMask", 1, ROW2 + 130 if mask_from_video else ROW2, [8, 0.5])
     g.link(ids["video"], 0, ids["video_parts"], "video")
     if mask_from_video:
         g.link(ids["mask_file"], 0, ids["mask_parts"], "video")
@@ -231,10 +241,10 @@ def diffusion(name: str, long_video: bool) -> Graph:
     prior = g.add("DiffuEraserProPainterPrior", 2, 190, [0.6, 960, 8, 10, 10, 50, 20])
     inject = g.add("DiffuEraserPriorInjection", 3, 0, [0, "fixed", "forward_noise", 1.0, 720 if long_video else 960, 2])
     sampler = g.add("DiffuEraserSampler", 4, 0, [2, 0.0, 22, 5, 1.0, True, 8])
-    vae = g.add("VAELoader", 0, 720, ["vae-ft-mse-840000-ema-pruned.safetensors"], models=MODELS["vae"])
-    clip = g.add("CLIPLoader", 0, 850, ["clip_l.safetensors", "stable_diffusion", "default"], models=MODELS["clip"])
-    prompt = g.add("CLIPTextEncode", 1, 720, [""], title="Prompt (empty, as the reference)", height=120)
-    model = g.add("DiffuEraserModelLoader", 2, 720, ["diffuEraser/unet_main", "diffuEraser/brushnet",
+    vae = g.add("VAELoader", 0, ROW3, ["vae-ft-mse-840000-ema-pruned.safetensors"], models=MODELS["vae"])
+    clip = g.add("CLIPLoader", 0, ROW3 + 130, ["clip_l.safetensors", "stable_diffusion", "default"], models=MODELS["clip"])
+    prompt = g.add("CLIPTextEncode", 1, ROW3, [""], title="Prompt (empty, as the reference)", height=120)
+    model = g.add("DiffuEraserModelLoader", 2, ROW3, ["diffuEraser/unet_main", "diffuEraser/brushnet",
                                                      "pcm_sd15_smallcfg_2step_converted.safetensors", 1.0],
                   models=MODELS["diffueraser"])
     decode = g.add("VAEDecode", 3, 520)
@@ -312,8 +322,8 @@ def quick() -> Graph:
 
 def make_mask() -> Graph:
     g = Graph("sam3")
-    video = g.add("LoadVideo", 0, 0, ["input_video.mp4", "image"], title="Video", height=270)
-    parts = g.add("GetVideoComponents", 0, 330)
+    video = g.add("LoadVideo", 0, 0, ["input_video.mp4", "image"], title="Video", height=LOAD_VIDEO_H)
+    parts = g.add("GetVideoComponents", 0, ROW2)
     ckpt = g.add("CheckpointLoaderSimple", 1, 0, ["sam3.1_multiplex_fp16.safetensors"], models=MODELS["sam3"])
     text = g.add("CLIPTextEncode", 1, 170, ["person"], title="What to remove (a short phrase)", height=120)
     track = g.add("SAM3_VideoTrack", 2, 0, [0.5, 1, 1], height=_height(4, 1, 3))
@@ -376,17 +386,26 @@ def thumbnail(graph: Graph, path: str, title: str) -> None:
         small = ImageFont.truetype(os.path.join(font_dir, "DejaVuSans.ttf"), 14)
     except OSError:
         big = small = ImageFont.load_default()
-    draw.text((16, 14), title[:40], fill=(240, 240, 240), font=big)
+    words, lines = title.split(" "), [""]
+    for word in words:  # wrap the title to the card's width
+        trial = (lines[-1] + " " + word).strip()
+        if draw.textlength(trial, font=big) > width - 32 and lines[-1]:
+            lines.append(word)
+        else:
+            lines[-1] = trial
+    for i, line in enumerate(lines[:2]):
+        draw.text((16, 10 + 26 * i), line, fill=(240, 240, 240), font=big)
+    top = 16 + 26 * min(2, len(lines))
     boxes = [grp["bounding"] for grp in graph.groups]
     x0 = min(b[0] for b in boxes)
     y0 = min(b[1] for b in boxes)
     x1 = max(b[0] + b[2] for b in boxes)
     y1 = max(b[1] + b[3] for b in boxes)
-    scale = min((width - 32) / (x1 - x0), (height - 70) / (y1 - y0))
+    scale = min((width - 32) / (x1 - x0), (height - top - 14) / (y1 - y0))
     for grp in graph.groups:
         bx, by, bw, bh = grp["bounding"]
-        rect = [16 + (bx - x0) * scale, 56 + (by - y0) * scale, 16 + (bx - x0 + bw) * scale,
-                56 + (by - y0 + bh) * scale]
+        rect = [16 + (bx - x0) * scale, top + (by - y0) * scale, 16 + (bx - x0 + bw) * scale,
+                top + (by - y0 + bh) * scale]
         color = tuple(int(grp["color"][i:i + 2], 16) for i in (1, 3, 5))
         draw.rectangle(rect, fill=tuple(c // 2 for c in color), outline=color, width=2)
         draw.text((rect[0] + 6, rect[1] + 4), grp["title"], fill=(235, 235, 235), font=small)
@@ -394,19 +413,49 @@ def thumbnail(graph: Graph, path: str, title: str) -> None:
         if node["type"] == "Note":
             continue
         x, y, w, h = Graph.box(node)
-        rect = [16 + (x - x0) * scale, 56 + (y - y0) * scale, 16 + (x - x0 + w) * scale, 56 + (y - y0 + h) * scale]
+        rect = [16 + (x - x0) * scale, top + (y - y0) * scale, 16 + (x - x0 + w) * scale,
+                top + (y - y0 + h) * scale]
         draw.rectangle(rect, outline=(200, 200, 200), width=1)
     image.save(path, "JPEG", quality=85)
 
 
+# Part of a 1920x1080 screenshot of the frontend that shows the canvas (right of the side bar, below the menu).
+SCREENSHOT_CANVAS = (64, 76, 1920, 1080)
+THUMBNAIL_SIZE = (640, 360)
+
+
+def thumbnail_from_screenshot(screenshot: str, path: str) -> None:
+    """The template card from a real screenshot of the loaded workflow (tests/integration/test_browser.py writes
+    them when DIFFUERASER_SCREENSHOTS is set)."""
+    from PIL import Image
+
+    with Image.open(screenshot) as shot:
+        canvas = shot.convert("RGB").crop(SCREENSHOT_CANVAS)
+        canvas.thumbnail(THUMBNAIL_SIZE)
+        canvas.save(path, "JPEG", quality=85)
+
+
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--screenshots", default=None,
+                        help="folder of '<title> - loaded.png' screenshots to make the thumbnails from; a workflow "
+                             "without one (or whose nodes the tested ComfyUI lacks) gets a drawn overview")
+    parser.add_argument("--drawn", nargs="*", default=[], help="titles that keep the drawn overview")
+    args = parser.parse_args()
     os.makedirs(OUT_DIR, exist_ok=True)
     for title, build in WORKFLOWS.items():
         graph = build()
         with open(os.path.join(OUT_DIR, title + ".json"), "w", encoding="utf-8") as f:
             json.dump(graph.to_json(), f, indent=1)
             f.write("\n")
-        thumbnail(graph, os.path.join(OUT_DIR, title + ".jpg"), title)
+        card = os.path.join(OUT_DIR, title + ".jpg")
+        shot = os.path.join(args.screenshots, title + " - loaded.png") if args.screenshots else None
+        if shot and os.path.isfile(shot) and title not in args.drawn:
+            thumbnail_from_screenshot(shot, card)
+        elif title in args.drawn or not os.path.isfile(card):
+            thumbnail(graph, card, title)  # kept otherwise: it may come from a screenshot
 
 
 if __name__ == "__main__":

@@ -152,6 +152,10 @@ def test_workflow_drops_cleanly_and_runs_in_the_frontend(comfy_host, page, workf
     page.wait_for_timeout(1500)  # let the frontend lay out widgets and draw
     report = page.evaluate(INSPECT_JS)
     _shot(page, workflow_path.stem + " - loaded")
+    folder = os.environ.get(SCREENSHOT_DIR_ENV)
+    if folder:  # the frontend's own node boxes (it may grow a node past its saved size)
+        with open(os.path.join(folder, workflow_path.stem + " - layout.json"), "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
     from test_comfyui_host import NEEDS_NEWER_HOST
 
     expected_missing = NEEDS_NEWER_HOST.get(workflow_path.name, set())
