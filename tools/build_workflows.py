@@ -213,7 +213,8 @@ def video_and_mask(g: Graph, mask_from_video: bool = True) -> Dict[str, int]:
     else:
         ids["mask_file"] = g.add("LoadImage", 0, ROW2, ["mask.png", "image"],
                                  title="Mask (paint it in the mask editor; used for every frame)", height=LOAD_IMAGE_H)
-    ids["prepare"] = g.add("DiffuEraserPrepareMask", 1, ROW2 + 130 if mask_from_video else ROW2, [8, 0.5])
+    # beside a LoadImage the column stays free: the frontend widens it to the image's aspect
+    ids["prepare"] = g.add("DiffuEraserPrepareMask", 1, ROW2 + 130 if mask_from_video else 150, [8, 0.5])
     g.link(ids["video"], 0, ids["video_parts"], "video")
     if mask_from_video:
         g.link(ids["mask_file"], 0, ids["mask_parts"], "video")

@@ -145,6 +145,8 @@ def _messages(page, since: int):
 @pytest.mark.parametrize("workflow_path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
 def test_workflow_drops_cleanly_and_runs_in_the_frontend(comfy_host, page, workflow_path):
     text = workflow_path.read_text(encoding="utf-8")
+    for _ in range(2):  # close what an earlier load opened (the missing-nodes dialog)
+        page.keyboard.press("Escape")
     page.evaluate("() => window.comfyAPI.app.app.graph.clear()")
     page.evaluate(DROP_JS, [workflow_path.name, text])
     page.wait_for_function(f"() => window.comfyAPI.app.app.graph._nodes.length === {len(json.loads(text)['nodes'])}",
@@ -161,10 +163,10 @@ def test_workflow_drops_cleanly_and_runs_in_the_frontend(comfy_host, page, workf
     expected_missing = NEEDS_NEWER_HOST.get(workflow_path.name, set())
     assert set(report["missing"]) == expected_missing, report["missing"]
     assert not report["overlaps"], report["overlaps"]
-    assert not report["hidden"], report["hidden"]
-    if expected_missing:
+    if expected_missing:  # the frontend lists them in a dialog over the canvas: titles are covered by design
         assert not [i for i in report["invalid"] if i[0] not in expected_missing], report["invalid"]
         pytest.skip(f"needs {sorted(expected_missing)} (newer ComfyUI); loads otherwise clean")
+    assert not report["hidden"], report["hidden"]
     assert not report["invalid"], report["invalid"]
     assert report["scale"] >= 0.6, "drawn below the zoom where the frontend shows titles and widgets"
 

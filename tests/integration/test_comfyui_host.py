@@ -14,6 +14,7 @@ import os
 import pathlib
 import re
 import time
+import urllib.parse
 
 import numpy as np
 import pytest
@@ -150,7 +151,7 @@ def test_workflows_are_served_as_templates(comfy_host):
     pack = harness.PACK_DIR_NAME
     assert sorted(templates.get(pack, [])) == sorted(p.stem for p in WORKFLOWS), templates
     for path in WORKFLOWS:
-        served = comfy_host.server.get_json(f"/api/workflow_templates/{pack}/{path.name}")
+        served = comfy_host.server.get_json(f"/api/workflow_templates/{pack}/{urllib.parse.quote(path.name)}")
         assert served == json.loads(path.read_text(encoding="utf-8")), path.name
 
 
