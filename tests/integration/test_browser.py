@@ -131,6 +131,20 @@ def _shot(page, name: str) -> None:
         page.screenshot(path=os.path.join(folder, name + ".png"))
 
 
+def _close_dialogs(page, attempts: int = 6) -> None:
+    """Close the frontend's open dialogs (PrimeVue) the way a user does: their close buttons, then Escape."""
+    for _ in range(attempts):  # topmost first: a stacked dialog covers the ones below it
+        closed = page.evaluate("""() => {
+            const buttons = [...document.querySelectorAll('.p-dialog .p-dialog-close-button')];
+            if (buttons.length) buttons[buttons.length - 1].click();
+            return buttons.length;
+        }""")
+        if not closed:
+            break
+        page.wait_for_timeout(400)
+    page.keyboard.press("Escape")
+
+
 def _messages(page, since: int):
     for t, payload in page.frames_log[since:]:
         if isinstance(payload, (bytes, bytearray)):
@@ -145,8 +159,7 @@ def _messages(page, since: int):
 @pytest.mark.parametrize("workflow_path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
 def test_workflow_drops_cleanly_and_runs_in_the_frontend(comfy_host, page, workflow_path):
     text = workflow_path.read_text(encoding="utf-8")
-    for _ in range(2):  # close what an earlier load opened (the missing-nodes dialog)
-        page.keyboard.press("Escape")
+    _close_dialogs(page)  # what an earlier load opened (missing nodes / missing models)
     page.evaluate("() => window.comfyAPI.app.app.graph.clear()")
     page.evaluate(DROP_JS, [workflow_path.name, text])
     page.wait_for_function(f"() => window.comfyAPI.app.app.graph._nodes.length === {len(json.loads(text)['nodes'])}",
