@@ -220,8 +220,6 @@ class _PriorLatentSink:
         self.received = 0
         self.encoded = 0
         self.waiting: list = []  # input-size frames [encoded, received), in order
-        if runtime is not None:
-            runtime.progress("encode", 0, self.num)  # as encode_prior: the stage is announced before any chunk
 
     def __call__(self, start: int, stop: int, frames: torch.Tensor) -> None:
         from .video import resize_frames

@@ -202,7 +202,7 @@ MODEL_FILES_TEXT = (
 )
 
 
-def video_and_mask(g: Graph, mask_from_video: bool = True) -> Dict[str, int]:
+def video_and_mask(g: Graph, mask_from_video: bool = True, dilation: int = 8) -> Dict[str, int]:
     ids = {}
     ids["video"] = g.add("LoadVideo", 0, 0, ["input_video.mp4", "image"], title="Video", height=LOAD_VIDEO_H)
     ids["video_parts"] = g.add("GetVideoComponents", 1, 0)
@@ -214,7 +214,8 @@ def video_and_mask(g: Graph, mask_from_video: bool = True) -> Dict[str, int]:
         ids["mask_file"] = g.add("LoadImage", 0, ROW2, ["mask.png", "image"],
                                  title="Mask (paint it in the mask editor; used for every frame)", height=LOAD_IMAGE_H)
     # beside a LoadImage the column stays free: the frontend widens it to the image's aspect
-    ids["prepare"] = g.add("DiffuEraserPrepareMask", 1, ROW2 + 130 if mask_from_video else 150, [8, 0.5])
+    ids["prepare"] = g.add("DiffuEraserPrepareMask", 1, ROW2 + 130 if mask_from_video else 150,
+                           [dilation, 0.5])
     g.link(ids["video"], 0, ids["video_parts"], "video")
     if mask_from_video:
         g.link(ids["mask_file"], 0, ids["mask_parts"], "video")
@@ -295,7 +296,7 @@ def diffusion(name: str, long_video: bool) -> Graph:
 
 def quick() -> Graph:
     g = Graph("quick")
-    ids = video_and_mask(g, mask_from_video=False)
+    ids = video_and_mask(g, mask_from_video=False, dilation=4)  # ProPainter's own default, as before
     loader = g.add("DiffuEraserProPainterLoader", 2, 0, ["raft-things.pth", "recurrent_flow_completion.pth",
                                                           "ProPainter.pth"], models=MODELS["propainter"])
     prior = g.add("DiffuEraserProPainterPrior", 2, 190, [0.6, 960, 4, 10, 10, 50, 20])
@@ -311,7 +312,7 @@ def quick() -> Graph:
         "1. Video and mask: pick your video in 'Video'; paint the object on the mask image (right-click > Open in "
         "MaskEditor). One mask is used for every frame; for a moving object use a mask video (see the DiffuEraser "
         "workflows) or make one with the SAM3 workflow.",
-        "2. ProPainter: mask_dilation on Prepare Mask grows the hole (ProPainter alone uses 4; 8 with DiffuEraser).",
+        "2. ProPainter: mask_dilation on Prepare Mask grows the hole (4, ProPainter's default; DiffuEraser uses 8).",
         "3. Save: the result goes to output/video. Press Run.",
         "",
         "Model files: ProPainter.pth, recurrent_flow_completion.pth, raft-things.pth from "
