@@ -1,4 +1,5 @@
-"""ComfyUI entry point of the DiffuEraser pack. Cheap to import: no model, CUDA or file work here."""
+"""ComfyUI entry point of the DiffuEraser pack (V3: ``comfy_entrypoint``). Cheap to import: no model, CUDA or file
+work here."""
 
 import os
 import sys
@@ -9,6 +10,7 @@ _PACK_DIR = os.path.dirname(os.path.abspath(__file__))
 if _PACK_DIR not in sys.path:
     sys.path.append(_PACK_DIR)
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+from .nodes import comfy_entrypoint  # noqa: E402
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+# Only comfy_entrypoint: ComfyUI ignores it when NODE_CLASS_MAPPINGS is also exported (the pack would then be V1).
+__all__ = ["comfy_entrypoint"]

@@ -211,6 +211,8 @@ def encode_prior(prior_frames: torch.Tensor, working_size: Tuple[int, int], code
         raise InputError(f"{NODE} prior encode: working size {w}x{h} is not a multiple of 8")
     num = prior_frames.shape[0]
     out = torch.empty((num, 4, h // 8, w // 8), dtype=torch.float32)
+    if runtime is not None:
+        runtime.progress("encode", 0, num)
     for start in range(0, num, FRAME_CHUNK):
         stop = min(start + FRAME_CHUNK, num)
         out[start:stop] = codec.encode(resize_frames(prior_frames[start:stop], (h, w)))
@@ -306,7 +308,7 @@ def sample_video(
     latent_hw = start.latent_hw
     if conditioning is None:
         conditioning = build_conditioning(frames, masks, latent_hw, codec, settings.mask_dilation,
-                                          device=_host_work_device(runtime))
+                                          device=_host_work_device(runtime), runtime=runtime)
     scheduler = settings.scheduler if settings.scheduler != "auto" else getattr(models, "scheduler", "tcd")
     check_scheduler(scheduler, where)
     if scheduler == "lcm":
@@ -477,7 +479,7 @@ def remove_objects(
     del encoder
     latent_hw = (work_h // 8, work_w // 8)
     conditioning = build_conditioning(frames, masks, latent_hw, codec, sampler_settings.mask_dilation,
-                                      device=_host_work_device(runtime))
+                                      device=_host_work_device(runtime), runtime=runtime)
     if injection_settings.mode == "ddim_inversion":
         start = invert_prior(
             prior_latent,

@@ -40,6 +40,7 @@ class _Progress:
         self.runtime = runtime
         self.total = max(1, total)
         self.done = 0
+        runtime.progress(PROGRESS_STAGE, 0, self.total)  # the bar exists from the start (the host fills it in)
 
     def step(self, amount: int) -> None:
         self.done = min(self.total, self.done + amount)

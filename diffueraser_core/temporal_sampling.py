@@ -126,6 +126,7 @@ def build_conditioning(
     mask_dilation: int = 8,
     chunk: int = CONDITIONING_CHUNK,
     device: Optional[torch.device] = None,
+    runtime=None,
 ) -> Conditioning:
     """Conditioning of uint8 frames ``[T,H,W,3]`` (any size) and raw bool hole masks ``[T,H,W]`` (True = hole).
 
@@ -144,6 +145,8 @@ def build_conditioning(
         raise InputError(f"DiffuEraser Sampler: mask has {masks.shape[0]} frames but the video has {num}")
     masked_latents = torch.empty((num, 4, h, w), dtype=torch.float32)
     known = torch.ones((num, h, w), dtype=torch.bool)
+    if runtime is not None:
+        runtime.progress("encode", 0, num)
     for start in range(0, num, chunk):
         stop = min(start + chunk, num)
         part_frames = frames[start:stop] if device is None else frames[start:stop].to(device)
@@ -154,6 +157,8 @@ def build_conditioning(
             part = masked_frames(part, holes)
             known[start:stop] = known_at_latent_size(holes, (h, w))
         masked_latents[start:stop] = codec.encode(part).to(torch.float32) * VAE_SCALING
+        if runtime is not None:
+            runtime.progress("encode", stop, num)
     return Conditioning(masked_latents, known)
 
 
@@ -374,6 +379,7 @@ def denoise_windows(
     if negative is not None and negative.dim() == 2:
         negative = negative.unsqueeze(0)
     latents = latents.to(torch.float32)
+    runtime.progress(stage, 0, total)  # announced before the first window: the host shows the stage at once
     try:
         for (t, s), windows in zip(timestep_pairs, schedule):
             acc = WindowAccumulator(num, overwrite_last_overlap=settings.overwrite_last_overlap, dtype=torch.float32)

@@ -3,8 +3,13 @@
 Inside ComfyUI every network sits in a ``comfy.model_patcher.ModelPatcher``; a stage's ``handle.acquire(bytes)``
 calls ``comfy.model_management.load_models_gpu`` so ComfyUI decides what to evict and whether to load fully or
 partially (its layers are switched to ``comfy.ops.manual_cast`` classes so a partial load streams weights per
-forward). Progress goes to ``comfy.utils.ProgressBar`` (with live latent previews), cancellation to
-``throw_exception_if_processing_interrupted``. The pack never unloads other models by hand.
+forward). Progress goes through the V3 API's ``set_progress`` (``comfy.utils.ProgressBar`` on hosts without it)
+with live latent previews; cancellation to ``throw_exception_if_processing_interrupted``. The pack never unloads
+other models by hand.
+
+Progress moves inside long network forwards too: every network gets forward hooks on its blocks
+(``install_heartbeats``) that, at most every ``HEARTBEAT_INTERVAL_S``, check for a cancel and report a fraction of
+the unit the stage is working on (never reaching the next unit the stage itself reports).
 
 Without ComfyUI (tests, CLI) ``get_runtime`` returns the core's ``StandaloneRuntime``.
 Nothing here imports ComfyUI at module import time: ComfyUI is looked up on every ``get_runtime`` call.
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import time
 from typing import Dict, List, Optional
 
 import torch
@@ -29,6 +35,12 @@ SD15_LATENT_SCALE = 0.18215
 DEFAULT_CODEC_CHUNK = 8
 # Prefix of the wrapped network inside the ModelPatcher's root module (see _PatcherRoot).
 _ROOT_ATTR = "net"
+#: at most one heartbeat (cancel check + progress inside a forward) per this many seconds
+HEARTBEAT_INTERVAL_S = 0.5
+#: a heartbeat moves the bar by 1 - 1/(1 + beats/HEARTBEAT_HALF) of the current unit: half a unit after this many
+HEARTBEAT_HALF = 8
+#: block depth below a network's root that gets heartbeat hooks (1: its children; 2: also theirs)
+HEARTBEAT_DEPTH = 2
 
 _TORCH_TO_CAST_NAME = (
     (torch.nn.Linear, "Linear"),
@@ -67,9 +79,82 @@ def get_runtime(node_name: str, unique_id: Optional[str] = None):
     """Runtime for one node execution: ComfyUI's when importable, else the standalone one."""
     _ACTIVE_HANDLES.clear()
     comfy = _import_comfy()
-    if comfy is None:
-        return StandaloneRuntime()
-    return ComfyRuntime(node_name, unique_id, comfy)
+    runtime = StandaloneRuntime() if comfy is None else ComfyRuntime(node_name, unique_id, comfy)
+    set_current_runtime(runtime)
+    return runtime
+
+
+# The runtime of the node running now: the heartbeat hooks of the (cached, shared) networks report to it.
+_CURRENT: Dict[str, object] = {"runtime": None}
+
+
+def set_current_runtime(runtime) -> None:
+    _CURRENT["runtime"] = runtime
+
+
+class ProgressHeartbeat:
+    """Mixin for runtimes: remembers the last progress a stage reported, and ``heartbeat`` (called from forward
+    hooks) re-reports it with a fraction of the next unit, at most every ``HEARTBEAT_INTERVAL_S``.
+
+    ``_send(stage, value, total, preview, preview_latent)`` is the host's own report.
+    """
+
+    _last = None
+    _beats = 0
+    _beat_time = 0.0
+
+    def progress(self, stage, done, total, preview=None, preview_latent=None) -> None:
+        self._last = (stage, float(done), float(total))
+        self._beats = 0
+        self._beat_time = time.monotonic()
+        self._send(stage, done, total, preview, preview_latent)
+
+    def heartbeat(self) -> None:
+        now = time.monotonic()
+        if now - self._beat_time < HEARTBEAT_INTERVAL_S:
+            return
+        self._beat_time = now
+        self.check_interrupt()
+        if self._last is None:
+            return
+        stage, done, total = self._last
+        if done >= total:
+            return
+        self._beats += 1
+        fraction = 1.0 - 1.0 / (1.0 + self._beats / HEARTBEAT_HALF)
+        self._send(stage, done + fraction, total, None, None)
+
+
+def heartbeat() -> None:
+    """Forward-hook target: the running node's runtime checks for a cancel and moves its bar."""
+    runtime = _CURRENT["runtime"]
+    beat = getattr(runtime, "heartbeat", None)
+    if beat is not None:
+        beat()
+    elif runtime is not None:
+        runtime.check_interrupt()
+
+
+def _heartbeat_hook(module, args, output) -> None:
+    heartbeat()
+
+
+def install_heartbeats(module: torch.nn.Module, depth: int = HEARTBEAT_DEPTH) -> int:
+    """Forward hooks on the blocks of a network (children down to ``depth``) that call ``heartbeat``: progress and
+    cancel inside one long forward (RAFT's refinement iterations, the transformer's blocks, UNet/VAE stages).
+    Installed once per module; returns how many blocks were hooked."""
+    if getattr(module, "_diffueraser_heartbeats", False):
+        return 0
+    hooked = 0
+    level = [module]
+    for _ in range(depth):
+        level = [child for parent in level for child in parent.children()]
+        for child in level:
+            if any(True for _ in child.parameters()):
+                child.register_forward_hook(_heartbeat_hook)
+                hooked += 1
+    module._diffueraser_heartbeats = True
+    return hooked
 
 
 class _PatcherRoot(torch.nn.Module):
@@ -165,7 +250,7 @@ class ComfyModelHandle:
         return ComfyModelHandle(clone, self.runtime, self.name)
 
 
-class ComfyRuntime:
+class ComfyRuntime(ProgressHeartbeat):
     """diffueraser_core.runtime contract on top of ComfyUI (devices, dtypes, ModelPatcher, progress, interrupt)."""
 
     def __init__(self, node_name: str, unique_id: Optional[str], comfy: Dict[str, object]):
@@ -181,6 +266,7 @@ class ComfyRuntime:
         self._bars: Dict[str, object] = {}
         self._previewer = None
         self._previewer_checked = False
+        self._progress_api = _host_progress_api()
 
     def dtype_for(self, module: torch.nn.Module) -> torch.dtype:
         return getattr(module, "preferred_dtype", None) or self.dtype
@@ -191,9 +277,11 @@ class ComfyRuntime:
         swapped = convert_to_cast_ops(module, self.comfy["ops"].manual_cast)
         log.debug("%s: %s uses ComfyUI casting ops on %d layers", self.node_name, name, swapped)
         patcher_mod = self.comfy["patcher"]
-        patcher = patcher_mod.ModelPatcher(
-            _PatcherRoot(module), load_device=self.device, offload_device=self.offload_device
-        )
+        # CoreModelPatcher is the class ComfyUI's own loaders use: current ComfyUI rebinds it to
+        # ModelPatcherDynamic when dynamic VRAM is on (main.py), so the pack's networks are managed the same way
+        # as the host's. Looked up at every wrap (it is rebound after import); older hosts only have ModelPatcher.
+        patcher_cls = getattr(patcher_mod, "CoreModelPatcher", None) or patcher_mod.ModelPatcher
+        patcher = patcher_cls(_PatcherRoot(module), load_device=self.device, offload_device=self.offload_device)
         callbacks = getattr(patcher_mod, "CallbacksMP", None)
         if callbacks is not None and hasattr(patcher, "add_callback"):
             patcher.add_callback(callbacks.ON_LOAD, _move_stragglers)
@@ -215,11 +303,9 @@ class ComfyRuntime:
             return None
         return self._previewer.decode_latent_to_preview_image("JPEG", latent.float() * SD15_LATENT_SCALE)
 
-    def progress(self, stage: str, done: int, total: int, preview=None, preview_latent=None) -> None:
-        bar = self._bars.get(stage)
-        if bar is None:
-            bar = self.comfy["utils"].ProgressBar(total, node_id=self.unique_id)
-            self._bars[stage] = bar
+    def _send(self, stage: str, done: float, total: float, preview=None, preview_latent=None) -> None:
+        """One progress report of the node (every report is also a cancel point)."""
+        self.check_interrupt()
         image = None
         if preview_latent is not None:
             image = self._latent_preview(preview_latent[:1])
@@ -227,6 +313,14 @@ class ComfyRuntime:
             from PIL import Image
 
             image = ("JPEG", Image.fromarray(preview.cpu().numpy()), None)
+        if self._progress_api is not None and self.unique_id is not None:
+            self._progress_api.set_progress(value=float(done), max_value=float(total), node_id=str(self.unique_id),
+                                            preview_image=image[1] if image is not None else None)
+            return
+        bar = self._bars.get(stage)
+        if bar is None:
+            bar = self.comfy["utils"].ProgressBar(total, node_id=self.unique_id)
+            self._bars[stage] = bar
         bar.update_absolute(done, total, image)
 
     def is_oom(self, exc: BaseException) -> bool:
@@ -234,6 +328,17 @@ class ComfyRuntime:
 
     def empty_cache(self) -> None:
         self.comfy["mm"].soft_empty_cache()
+
+
+def _host_progress_api():
+    """``ComfyAPISync().execution`` of the V3 API (its ``set_progress`` reports a node's progress with a preview),
+    or None on hosts without it."""
+    try:
+        from comfy_api.latest import ComfyAPISync
+
+        return ComfyAPISync().execution
+    except (ImportError, AttributeError):
+        return None
 
 
 def with_weight_patches(handle, deltas: Dict[str, torch.Tensor], strength: float):

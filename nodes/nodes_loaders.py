@@ -11,8 +11,9 @@ import os
 from typing import Callable, Dict, Tuple
 
 from . import folders
-from .bridge import ComfyRuntime, get_runtime, with_weight_patches
-from .common import CATEGORY_ROOT, DIFFUERASER_MODEL, PROPAINTER_MODEL
+from .bridge import ComfyRuntime, get_runtime, install_heartbeats, with_weight_patches
+from .comfy_io import io
+from .common import CATEGORY_ROOT, DiffuEraserModelType, ProPainterModelType
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,9 @@ def _cached_handle(slot: str, key: tuple, runtime, build: Callable[[], object], 
     if cached is not None and cached[0] == key:
         return cached[1]
     _LOADED.pop(slot, None)  # drop the previous network before building the next one
-    handle = runtime.wrap(build(), name)
+    module = build()
+    install_heartbeats(module)  # progress and cancel inside its long forwards
+    handle = runtime.wrap(module, name)
     _LOADED[slot] = (key, handle)
     return handle
 
@@ -47,53 +50,53 @@ def clear_cache() -> None:
     _LORA_DELTAS.clear()
 
 
-class DiffuEraserModelLoader:
+class DiffuEraserModelLoader(io.ComfyNode):
     NODE = "DiffuEraser Model Loader"
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def define_schema(cls):
         dfolder = folders.DIFFUERASER_FOLDER
-        return {
-            "required": {
-                "unet_main": (folders.choices(dfolder, "unet_main", exclude=("brushnet", "pcm_")), {
-                    "tooltip": "DiffuEraser motion UNet: the diffuEraser/unet_main folder (config.json + "
-                               "diffusion_pytorch_model.safetensors) or a single .safetensors in models/diffueraser.",
-                }),
-                "brushnet": (folders.choices(dfolder, "brushnet", exclude=("unet_main", "pcm_")), {
-                    "tooltip": "DiffuEraser BrushNet: the diffuEraser/brushnet folder or a single .safetensors "
-                               "in models/diffueraser.",
-                }),
-                "pcm_lora": (folders.choices(dfolder, "pcm_sd15", exclude=("unet_main", "brushnet"))
-                             + [NO_LORA], {
-                    "tooltip": "PCM LoRA for few-step sampling (pcm_sd15_smallcfg_2step_converted.safetensors "
-                               "for 2 steps, as the reference). 'none' runs the UNet without it.",
-                }),
-                "lora_strength": ("FLOAT", {
-                    "default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05,
-                    "tooltip": "Scale of the PCM LoRA (1.0 = reference). Changing it re-patches the weights "
-                               "without reading the files again.",
-                }),
-            },
-        }
+        return io.Schema(
+            node_id="DiffuEraserModelLoader",
+            display_name=cls.NODE,
+            category=f"{CATEGORY_ROOT}/loaders",
+            description=("Loads DiffuEraser's motion UNet (unet_main) and BrushNet from models/diffueraser and "
+                         "applies the PCM LoRA to the UNet for few-step sampling."),
+            inputs=[
+                io.Combo.Input("unet_main", options=folders.choices(dfolder, "unet_main", exclude=("brushnet", "pcm_")),
+                               tooltip=("DiffuEraser motion UNet: the diffuEraser/unet_main folder (config.json + "
+                                        "diffusion_pytorch_model.safetensors) or a single .safetensors in "
+                                        "models/diffueraser.")),
+                io.Combo.Input("brushnet", options=folders.choices(dfolder, "brushnet", exclude=("unet_main", "pcm_")),
+                               tooltip=("DiffuEraser BrushNet: the diffuEraser/brushnet folder or a single "
+                                        ".safetensors in models/diffueraser.")),
+                io.Combo.Input("pcm_lora",
+                               options=folders.choices(dfolder, "pcm_sd15", exclude=("unet_main", "brushnet"))
+                               + [NO_LORA],
+                               tooltip=("PCM LoRA for few-step sampling (pcm_sd15_smallcfg_2step_converted."
+                                        "safetensors for 2 steps, as the reference). 'none' runs the UNet without "
+                                        "it.")),
+                io.Float.Input("lora_strength", default=1.0, min=-4.0, max=4.0, step=0.05, tooltip=(
+                    "Scale of the PCM LoRA (1.0 = reference). Changing it re-patches the weights without reading "
+                    "the files again.")),
+            ],
+            outputs=[
+                DiffuEraserModelType.Output(display_name="diffueraser_model", tooltip=(
+                    "The motion UNet and BrushNet (with the PCM LoRA), for the DiffuEraser Sampler.")),
+            ],
+        )
 
-    RETURN_TYPES = (DIFFUERASER_MODEL,)
-    RETURN_NAMES = ("diffueraser_model",)
-    OUTPUT_TOOLTIPS = ("The motion UNet and BrushNet (with the PCM LoRA), for the DiffuEraser Sampler.",)
-    FUNCTION = "load"
-    CATEGORY = f"{CATEGORY_ROOT}/loaders"
-    DESCRIPTION = ("Loads DiffuEraser's motion UNet (unet_main) and BrushNet from models/diffueraser and applies "
-                   "the PCM LoRA to the UNet for few-step sampling.")
-
-    def load(self, unet_main, brushnet, pcm_lora, lora_strength):
+    @classmethod
+    def execute(cls, unet_main, brushnet, pcm_lora, lora_strength):
         from diffueraser_core.models import checkpoints, lora
         from diffueraser_core.pipeline import DiffuEraserModels
         from diffueraser_core.schedule import scheduler_for_lora
 
-        runtime = get_runtime(self.NODE)
+        runtime = get_runtime(cls.NODE)
         dfolder = folders.DIFFUERASER_FOLDER
-        unet_path = folders.resolve(dfolder, unet_main, self.NODE)
-        brush_path = folders.resolve(dfolder, brushnet, self.NODE)
-        lora_path = None if pcm_lora == NO_LORA else folders.resolve(dfolder, pcm_lora, self.NODE)
+        unet_path = folders.resolve(dfolder, unet_main, cls.NODE)
+        brush_path = folders.resolve(dfolder, brushnet, cls.NODE)
+        lora_path = None if pcm_lora == NO_LORA else folders.resolve(dfolder, pcm_lora, cls.NODE)
 
         unet_key = _file_key(unet_path)
         if not isinstance(runtime, ComfyRuntime):
@@ -114,50 +117,49 @@ class DiffuEraserModelLoader:
                 _LORA_DELTAS["pcm"] = (lkey, deltas)
             unet = with_weight_patches(unet, deltas, float(lora_strength))
         # the LCM-like PCM LoRA is sampled with LCMScheduler, as the reference does (schedule.scheduler_for_lora)
-        return (DiffuEraserModels(unet=unet, brushnet=brush, scheduler=scheduler_for_lora(lora_path)),)
+        return io.NodeOutput(DiffuEraserModels(unet=unet, brushnet=brush, scheduler=scheduler_for_lora(lora_path)))
 
 
-class DiffuEraserProPainterLoader:
+class DiffuEraserProPainterLoader(io.ComfyNode):
     NODE = "DiffuEraser ProPainter Loader"
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def define_schema(cls):
         pfolder = folders.PROPAINTER_FOLDER
-        return {
-            "required": {
-                "raft": (folders.choices(pfolder, "raft"), {
-                    "tooltip": "RAFT optical flow weights (raft-things.pth) in models/propainter.",
-                }),
-                "flow_completion": (folders.choices(pfolder, "flow_completion"), {
-                    "tooltip": "Recurrent flow completion weights (recurrent_flow_completion.pth) in "
-                               "models/propainter.",
-                }),
-                "propainter": (folders.choices(pfolder, "propainter"), {
-                    "tooltip": "ProPainter transformer weights (ProPainter.pth) in models/propainter.",
-                }),
-            },
-        }
+        return io.Schema(
+            node_id="DiffuEraserProPainterLoader",
+            display_name=cls.NODE,
+            category=f"{CATEGORY_ROOT}/loaders",
+            description=("Loads the three ProPainter networks (RAFT flow, flow completion, inpainting transformer) "
+                         "from models/propainter."),
+            inputs=[
+                io.Combo.Input("raft", options=folders.choices(pfolder, "raft"),
+                               tooltip="RAFT optical flow weights (raft-things.pth) in models/propainter."),
+                io.Combo.Input("flow_completion", options=folders.choices(pfolder, "flow_completion"),
+                               tooltip=("Recurrent flow completion weights (recurrent_flow_completion.pth) in "
+                                        "models/propainter.")),
+                io.Combo.Input("propainter", options=folders.choices(pfolder, "propainter"),
+                               tooltip="ProPainter transformer weights (ProPainter.pth) in models/propainter."),
+            ],
+            outputs=[
+                ProPainterModelType.Output(display_name="propainter_model", tooltip=(
+                    "RAFT, flow completion and the ProPainter transformer, for the ProPainter Prior node.")),
+            ],
+        )
 
-    RETURN_TYPES = (PROPAINTER_MODEL,)
-    RETURN_NAMES = ("propainter_model",)
-    OUTPUT_TOOLTIPS = ("RAFT, flow completion and the ProPainter transformer, for the ProPainter Prior node.",)
-    FUNCTION = "load"
-    CATEGORY = f"{CATEGORY_ROOT}/loaders"
-    DESCRIPTION = ("Loads the three ProPainter networks (RAFT flow, flow completion, inpainting transformer) "
-                   "from models/propainter.")
-
-    def load(self, raft, flow_completion, propainter):
+    @classmethod
+    def execute(cls, raft, flow_completion, propainter):
         from diffueraser_core.models import flow_completion as fc_mod
         from diffueraser_core.models import propainter as pp_mod
         from diffueraser_core.models import raft as raft_mod
         from diffueraser_core.prior_propainter import ProPainterNets
 
-        runtime = get_runtime(self.NODE)
+        runtime = get_runtime(cls.NODE)
         pfolder = folders.PROPAINTER_FOLDER
         paths = {
-            "raft": folders.resolve(pfolder, raft, self.NODE),
-            "flow_completion": folders.resolve(pfolder, flow_completion, self.NODE),
-            "propainter": folders.resolve(pfolder, propainter, self.NODE),
+            "raft": folders.resolve(pfolder, raft, cls.NODE),
+            "flow_completion": folders.resolve(pfolder, flow_completion, cls.NODE),
+            "propainter": folders.resolve(pfolder, propainter, cls.NODE),
         }
         loaders = {
             "raft": raft_mod.load_raft,
@@ -168,5 +170,5 @@ class DiffuEraserProPainterLoader:
             slot: _cached_handle(slot, _file_key(path), runtime, lambda p=path, f=loaders[slot]: f(p), slot)
             for slot, path in paths.items()
         }
-        return (ProPainterNets(raft=handles["raft"], flow_completion=handles["flow_completion"],
-                               generator=handles["propainter"]),)
+        return io.NodeOutput(ProPainterNets(raft=handles["raft"], flow_completion=handles["flow_completion"],
+                                            generator=handles["propainter"]))

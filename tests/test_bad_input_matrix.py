@@ -82,7 +82,7 @@ def run_node(node, images, mask, models=None, **widgets):
         args = dict(images=images, mask=mask, propainter_model=FORBIDDEN_PRIOR, resize_ratio=1.0, max_side=960,
                     mask_dilation=4, ref_stride=10, neighbor_length=10, subvideo_length=80, raft_iter=1)
         args.update(widgets)
-        return N["DiffuEraserProPainterPrior"]().run(**args)
+        return N["DiffuEraserProPainterPrior"].execute(**args)
     if node == SAMPLER:
         models = models or {"model": FORBIDDEN_MODELS, "vae": None, "positive": None}
         latent = {"samples": torch.zeros(images.shape[0], 4, images.shape[1] // 8, images.shape[2] // 8)}
@@ -90,12 +90,12 @@ def run_node(node, images, mask, models=None, **widgets):
                     images=images, mask=mask, latent=latent, steps=1, cfg=0.0, window_length=22, window_overlap=5,
                     brushnet_scale=1.0, pre_inference=True, mask_dilation=8)
         args.update(widgets)
-        return N["DiffuEraserSampler"]().sample(**args)
+        return N["DiffuEraserSampler"].execute(**args)
     if node == BLEND:
         args = dict(images=images, generated=widgets.pop("generated", images), mask=mask, mask_dilation=8,
                     feather=21)
         args.update(widgets)
-        return N["DiffuEraserBlend"]().blend(**args)
+        return N["DiffuEraserBlend"].execute(**args)
     raise ValueError(node)
 
 
@@ -257,7 +257,7 @@ def test_frames_larger_than_4096_pixels_are_an_error():
         remove_objects(frames, masks, propainter_nets=FORBIDDEN_PRIOR, runtime=TrackingRuntime(),
                        models=FORBIDDEN_MODELS, codec=object(), text_embeddings=text_embedding())
     with pytest.raises(InputError, match=rf"^{INJECTION}: frames of 4100x64 are too large"):
-        N["DiffuEraserPriorInjection"]().inject(None, torch.zeros(1, 64, 4100, 3), 0, "forward_noise", 1.0, 960, 1)
+        N["DiffuEraserPriorInjection"].execute(None, torch.zeros(1, 64, 4100, 3), 0, "forward_noise", 1.0, 960, 1)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -410,8 +410,8 @@ VALID_NAMES = {"unet_main": "diffuEraser/unet_main", "brushnet": "diffuEraser/br
 def _load_with(slot, name):
     names = dict(VALID_NAMES, **{slot: name})
     if slot in ("unet_main", "brushnet", "pcm_lora"):
-        return N["DiffuEraserModelLoader"]().load(names["unet_main"], names["brushnet"], names["pcm_lora"], 1.0)
-    return N["DiffuEraserProPainterLoader"]().load(names["raft"], names["flow_completion"], names["propainter"])
+        return N["DiffuEraserModelLoader"].execute(names["unet_main"], names["brushnet"], names["pcm_lora"], 1.0)
+    return N["DiffuEraserProPainterLoader"].execute(names["raft"], names["flow_completion"], names["propainter"])
 
 
 # Each kind of bad file: what the message must say about it (besides the file's name).
@@ -561,7 +561,7 @@ STAGE_NAMES = {PRIOR: "ProPainter prior", SAMPLER: "Frame windows"}
 def _injection(images, vae, **widgets):
     args = dict(vae=vae, prior=images, seed=0, mode="forward_noise", strength=1.0, max_side=960, inversion_steps=1)
     args.update(widgets)
-    return N["DiffuEraserPriorInjection"]().inject(**args)
+    return N["DiffuEraserPriorInjection"].execute(**args)
 
 
 WIDGET_IDS = [f"{n.split()[-1]}-{'-'.join(f'{k}={v}' for k, v in w.items())}" for n, w, _ in WIDGET_ERRORS]

@@ -17,6 +17,7 @@ PUBLISHED_NODE_IDS = {
     "DiffuEraserPriorInjection",
     "DiffuEraserSampler",
     "DiffuEraserBlend",
+    "DiffuEraserPrepareMask",
 }
 
 
@@ -37,8 +38,25 @@ def test_every_id_has_a_display_name_and_deprecation_is_a_flag():
 
 
 def test_shipped_workflows_use_only_registered_pack_ids():
-    for path in sorted((pathlib.Path(__file__).resolve().parents[1] / "workflows").glob("*.json")):
+    for path in sorted((pathlib.Path(__file__).resolve().parents[1] / "example_workflows").glob("*.json")):
         workflow = json.loads(path.read_text())
         for node in workflow["nodes"]:
             if node["type"].startswith("DiffuEraser"):
                 assert node["type"] in PUBLISHED_NODE_IDS, (path.name, node["type"])
+
+
+def test_registered_v3_only_through_comfy_entrypoint():
+    """ComfyUI registers a pack V1 when its top-level module exports NODE_CLASS_MAPPINGS (comfy_entrypoint is then
+    ignored): the pack's __init__ exports only comfy_entrypoint, whose extension lists every node."""
+    import ast
+    import asyncio
+
+    top = pathlib.Path(__file__).resolve().parents[1] / "__init__.py"
+    names = {t.id for node in ast.walk(ast.parse(top.read_text())) if isinstance(node, ast.Assign)
+             for t in node.targets if isinstance(t, ast.Name)}
+    imported = {a.asname or a.name for node in ast.walk(ast.parse(top.read_text()))
+                if isinstance(node, ast.ImportFrom) for a in node.names}
+    assert "NODE_CLASS_MAPPINGS" not in names | imported and "comfy_entrypoint" in imported
+    extension = asyncio.run(nodes.comfy_entrypoint())
+    listed = asyncio.run(extension.get_node_list())
+    assert {cls.define_schema().node_id for cls in listed} == set(nodes.NODE_CLASS_MAPPINGS)

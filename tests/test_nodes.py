@@ -8,12 +8,14 @@ import pytest
 import torch
 
 import nodes as pack
+from nodes.comfy_io import io
 from diffueraser_core.errors import InputError, ModelFileError
 from nodes import folders, nodes_loaders
 from nodes.nodes_prior import PROPAINTER_DEFAULTS
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
-CUSTOM_TYPES = {"DIFFUERASER_MODEL", "PROPAINTER_MODEL"}
+CUSTOM_TYPES = {"DIFFUERASER_MODEL", "PROPAINTER_MODEL", "DIFFUERASER_MASK"}
+MASK_SOCKET = "MASK,DIFFUERASER_MASK"  # the mask input of the Prior, Sampler and Blend: prepared or plain
 CORE_SOCKET_TYPES = {"IMAGE", "MASK", "LATENT", "VAE", "CONDITIONING"}
 
 
@@ -23,7 +25,7 @@ def test_mappings_ids_and_display_names():
     assert set(pack.NODE_CLASS_MAPPINGS) == set(pack.NODE_DISPLAY_NAME_MAPPINGS)
     assert set(pack.NODE_CLASS_MAPPINGS) == {
         "DiffuEraserModelLoader", "DiffuEraserProPainterLoader", "DiffuEraserProPainterPrior",
-        "DiffuEraserPriorInjection", "DiffuEraserSampler", "DiffuEraserBlend",
+        "DiffuEraserPriorInjection", "DiffuEraserSampler", "DiffuEraserBlend", "DiffuEraserPrepareMask",
     }
     for node_id, name in pack.NODE_DISPLAY_NAME_MAPPINGS.items():
         assert node_id.startswith("DiffuEraser") and name != node_id and " " in name
@@ -36,8 +38,9 @@ def test_declaration_well_formed(node_id):
     assert set(spec) <= {"required", "optional", "hidden"}
     assert cls.CATEGORY.startswith("DiffuEraser/")
     assert isinstance(cls.DESCRIPTION, str) and len(cls.DESCRIPTION) > 30
-    assert callable(getattr(cls, cls.FUNCTION))
-    assert isinstance(cls.RETURN_TYPES, tuple) and cls.RETURN_TYPES
+    assert callable(cls.execute) and issubclass(cls, io.ComfyNode)
+    assert cls.define_schema().node_id == node_id
+    assert isinstance(cls.RETURN_TYPES, list) and cls.RETURN_TYPES
     assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES) == len(cls.OUTPUT_TOOLTIPS)
     for rt in cls.RETURN_TYPES:
         assert rt in CORE_SOCKET_TYPES | CUSTOM_TYPES
@@ -45,21 +48,21 @@ def test_declaration_well_formed(node_id):
         for name, decl in spec.get(section, {}).items():
             typ, opts = decl[0], decl[1]
             assert isinstance(opts.get("tooltip"), str) and opts["tooltip"], (node_id, name)
-            if isinstance(typ, list):
-                assert all(isinstance(v, str) for v in typ)
-                assert "enable" not in typ and "disable" not in typ  # booleans are BOOLEAN
+            if typ == "COMBO":
+                assert all(isinstance(v, str) for v in opts["options"])
+                assert "enable" not in opts["options"] and "disable" not in opts["options"]  # booleans: BOOLEAN
             elif typ in ("INT", "FLOAT"):
                 assert opts["min"] <= opts["default"] <= opts["max"], (node_id, name)
                 assert "step" in opts
             elif typ == "BOOLEAN":
                 assert isinstance(opts["default"], bool)
             else:
-                assert typ in CORE_SOCKET_TYPES | CUSTOM_TYPES, (node_id, name, typ)
-    # The python function accepts exactly the declared inputs.
+                assert typ in CORE_SOCKET_TYPES | CUSTOM_TYPES | {MASK_SOCKET}, (node_id, name, typ)
+    # execute accepts exactly the declared inputs (hidden values come on cls.hidden).
     import inspect
 
-    params = set(inspect.signature(getattr(cls, cls.FUNCTION)).parameters) - {"self"}
-    declared = set(spec.get("required", {})) | set(spec.get("optional", {})) | set(spec.get("hidden", {}))
+    params = set(inspect.signature(cls.execute).parameters)
+    declared = set(spec.get("required", {})) | set(spec.get("optional", {}))
     assert params == declared, (node_id, params ^ declared)
 
 
@@ -69,7 +72,11 @@ def test_propainter_node_defaults_are_the_settings_defaults():
     defaults = {f.name: f.default for f in dataclasses.fields(ProPainterSettings)}
     spec = pack.NODE_CLASS_MAPPINGS["DiffuEraserProPainterPrior"].INPUT_TYPES()["required"]
     for name, value in PROPAINTER_DEFAULTS.items():
-        assert defaults[name] == value == spec[name][1]["default"], name
+        assert value == spec[name][1]["default"], name
+        if name != "subvideo_length":
+            assert defaults[name] == value, name
+    # the node's prior feeds DiffuEraser, whose reference run passes subvideo_length=50 (issue 15 item 4)
+    assert spec["subvideo_length"][1]["default"] == 50
 
 
 def test_sampler_defaults_are_the_reference():
@@ -208,12 +215,12 @@ def run(models):
     tests below: CPU time is scarce). The prior is the video itself (any IMAGE is a valid prior)."""
     N = pack.NODE_CLASS_MAPPINGS
     images, mask = _clip()
-    (latent,) = N["DiffuEraserPriorInjection"]().inject(models["vae"], images, 5, "forward_noise", 1.0, 960, 2)
-    (model,) = N["DiffuEraserModelLoader"]().load("diffuEraser/unet_main", "diffuEraser/brushnet",
+    (latent,) = N["DiffuEraserPriorInjection"].execute(models["vae"], images, 5, "forward_noise", 1.0, 960, 2)
+    (model,) = N["DiffuEraserModelLoader"].execute("diffuEraser/unet_main", "diffuEraser/brushnet",
                                                   "pcm_sd15_smallcfg_2step_converted.safetensors", 1.0)
-    (out,) = N["DiffuEraserSampler"]().sample(**_sampler_args(models, images, mask, latent, diffueraser_model=model))
+    (out,) = N["DiffuEraserSampler"].execute(**_sampler_args(models, images, mask, latent, diffueraser_model=model))
     generated = models["vae"].decode(out["samples"])
-    (blended,) = N["DiffuEraserBlend"]().blend(images, generated, mask, 8, 21)
+    (blended,) = N["DiffuEraserBlend"].execute(images, generated, mask, 8, 21)
     return dict(images=images, mask=mask, latent=latent, samples=out["samples"], blended=blended)
 
 
@@ -238,15 +245,20 @@ def test_propainter_nodes_end_to_end(models):
     save_propainter_weights(str(models["root"] / "propainter"))
     N = pack.NODE_CLASS_MAPPINGS
     images, mask = _clip(frames=3)
-    (pnets,) = N["DiffuEraserProPainterLoader"]().load("raft-things.pth", "recurrent_flow_completion.pth",
+    (pnets,) = N["DiffuEraserProPainterLoader"].execute("raft-things.pth", "recurrent_flow_completion.pth",
                                                       "ProPainter.pth")
-    prior, dilated = N["DiffuEraserProPainterPrior"]().run(images, mask, pnets, 1.0, 960, 4, 10, 10, 80, 1)
+    prior, dilated = N["DiffuEraserProPainterPrior"].execute(images, mask, pnets, 1.0, 960, 4, 10, 10, 80, 1)
     assert prior.shape == images.shape and prior.dtype == torch.float32
     assert dilated.shape == (3, 64, 96) and bool(dilated[:, 30, 45].all())
     as_u8 = (images * 255).round()
     outside = ~dilated.bool()
     assert torch.equal((prior * 255).round()[outside], as_u8[outside])  # ProPainter touched only the hole
     assert not torch.equal((prior * 255).round(), as_u8)
+
+
+def _with_unique_id(cls, node_id):
+    """What the host does before a run: a class clone whose ``hidden`` carries the node's prompt id."""
+    return type(cls.__name__, (cls,), {"hidden": io.HiddenHolder(unique_id=node_id)})
 
 
 def test_comfy_path_agrees_with_standalone_and_cancels(models, run, monkeypatch):
@@ -262,11 +274,12 @@ def test_comfy_path_agrees_with_standalone_and_cancels(models, run, monkeypatch)
     nodes_loaders.clear_cache()
     try:
         N = pack.NODE_CLASS_MAPPINGS
-        (model,) = N["DiffuEraserModelLoader"]().load("diffuEraser/unet_main", "diffuEraser/brushnet",
+        (model,) = N["DiffuEraserModelLoader"].execute("diffuEraser/unet_main", "diffuEraser/brushnet",
                                                       "pcm_sd15_smallcfg_2step_converted.safetensors", 1.0)
         assert len(record["patchers"]) == 3  # unet, brushnet, and the unet clone carrying the LoRA patches
         args = _sampler_args(models, run["images"], run["mask"], run["latent"], diffueraser_model=model)
-        (out,) = N["DiffuEraserSampler"]().sample(**args, unique_id="42")
+        sampler = _with_unique_id(N["DiffuEraserSampler"], "42")
+        (out,) = sampler.execute(**args)
         torch.testing.assert_close(out["samples"], run["samples"], rtol=1e-4, atol=1e-4)
         assert record["loads"] and record["cast_forwards"] > 0
         assert record["bars"] and all(bar.node_id == "42" for bar in record["bars"])
@@ -274,22 +287,22 @@ def test_comfy_path_agrees_with_standalone_and_cancels(models, run, monkeypatch)
         assert record["interrupt_checks"] > 0
         record["interrupt"], record["interrupt_checks"] = True, 0
         with pytest.raises(FakeInterrupt):
-            N["DiffuEraserSampler"]().sample(**args, unique_id="42")
+            sampler.execute(**args)
         assert record["interrupt_checks"] == 1  # stopped at the first check
     finally:
         nodes_loaders.clear_cache()
 
 
 def test_lora_strength_repatches_without_reloading(models):
-    loader = pack.NODE_CLASS_MAPPINGS["DiffuEraserModelLoader"]()
+    loader = pack.NODE_CLASS_MAPPINGS["DiffuEraserModelLoader"]
     names = ("diffuEraser/unet_main", "diffuEraser/brushnet", "pcm_sd15_smallcfg_2step_converted.safetensors")
-    (m1,) = loader.load(*names, 1.0)
+    (m1,) = loader.execute(*names, 1.0)
     w1 = {k: v.clone() for k, v in m1.unet.module.state_dict().items()}
-    (m0,) = loader.load(*names, 0.0)
+    (m0,) = loader.execute(*names, 0.0)
     assert m0.unet.module is m1.unet.module and m0.brushnet is m1.brushnet  # same weights, no reload
     changed = [k for k, v in m0.unet.module.state_dict().items() if not torch.equal(v, w1[k])]
     assert changed and all("motion_modules" not in k for k in changed)
-    (none,) = loader.load(names[0], names[1], nodes_loaders.NO_LORA, 1.0)
+    (none,) = loader.execute(names[0], names[1], nodes_loaders.NO_LORA, 1.0)
     assert none.unet.module is not m0.unet.module  # no LoRA: fresh base weights from the file
     base = none.unet.module.state_dict()
     at_zero = m0.unet.module.state_dict()
@@ -304,14 +317,14 @@ def test_bad_values_name_the_node(models):
     latent = {"samples": torch.zeros(3, 4, 8, 12)}
     with pytest.raises(InputError, match=r"DiffuEraser Sampler: window_overlap 22 must be smaller than "
                                          r"window_length 22"):
-        N["DiffuEraserSampler"]().sample(**_sampler_args(models, images, mask, latent, window_overlap=22))
+        N["DiffuEraserSampler"].execute(**_sampler_args(models, images, mask, latent, window_overlap=22))
     bad_mask = torch.zeros(2, 64, 96)
     with pytest.raises(InputError, match=r"DiffuEraser Blend: mask has 2 frames but the video has 3"):
-        N["DiffuEraserBlend"]().blend(images, images, bad_mask, 8, 21)
+        N["DiffuEraserBlend"].execute(images, images, bad_mask, 8, 21)
     with pytest.raises(InputError, match="DiffuEraser Prior Injection: mode 'ddim_inversion' needs"):
-        N["DiffuEraserPriorInjection"]().inject(models["vae"], images, 0, "ddim_inversion", 1.0, 960, 2)
+        N["DiffuEraserPriorInjection"].execute(models["vae"], images, 0, "ddim_inversion", 1.0, 960, 2)
     with pytest.raises(ModelFileError, match="DiffuEraser ProPainter Loader: model 'missing.pth' not found"):
-        N["DiffuEraserProPainterLoader"]().load("missing.pth", "recurrent_flow_completion.pth", "ProPainter.pth")
+        N["DiffuEraserProPainterLoader"].execute("missing.pth", "recurrent_flow_completion.pth", "ProPainter.pth")
 
 
 def test_lcm_like_lora_selects_the_lcm_scheduler(models):
@@ -321,11 +334,28 @@ def test_lcm_like_lora_selects_the_lcm_scheduler(models):
     folder = models["root"] / "diffueraser"
     lcm_name = "pcm_sd15_lcmlike_lora_converted.safetensors"
     shutil.copy(folder / "pcm_sd15_smallcfg_2step_converted.safetensors", folder / lcm_name)
-    loader = pack.NODE_CLASS_MAPPINGS["DiffuEraserModelLoader"]()
+    loader = pack.NODE_CLASS_MAPPINGS["DiffuEraserModelLoader"]
     try:
-        (lcm,) = loader.load("diffuEraser/unet_main", "diffuEraser/brushnet", lcm_name, 1.0)
-        (tcd,) = loader.load("diffuEraser/unet_main", "diffuEraser/brushnet",
+        (lcm,) = loader.execute("diffuEraser/unet_main", "diffuEraser/brushnet", lcm_name, 1.0)
+        (tcd,) = loader.execute("diffuEraser/unet_main", "diffuEraser/brushnet",
                              "pcm_sd15_smallcfg_2step_converted.safetensors", 1.0)
     finally:
         (folder / lcm_name).unlink()
     assert lcm.scheduler == "lcm" and tcd.scheduler == "tcd"
+
+
+def test_node_masks_of_another_size_are_resized_once_by_the_stage_not_by_the_node():
+    # issue 15 item 7: a half-size mask reaches the stage at its own size (the stage resizes it once, straight to
+    # its working size); another aspect ratio is an error, never a stretch
+    from nodes.common import PreparedMask, masks_and_dilation
+
+    half = torch.zeros(1, 32, 48)
+    half[0, 10:14, 20:23] = 1.0
+    holes, dilation = masks_and_dilation(half, 8, 5, (64, 96), "DiffuEraser Sampler")
+    assert holes.dtype == torch.bool and tuple(holes.shape) == (5, 32, 48) and dilation == 8
+    assert torch.equal(holes[3], half[0] > 0.5)
+    prepared = PreparedMask(holes=half.bool(), dilation=4)
+    holes, dilation = masks_and_dilation(prepared, 8, 5, (64, 96), "DiffuEraser Blend")
+    assert tuple(holes.shape) == (5, 32, 48) and dilation == 4
+    with pytest.raises(InputError, match="DiffuEraser Sampler"):
+        masks_and_dilation(torch.zeros(1, 32, 32), 8, 5, (64, 96), "DiffuEraser Sampler")

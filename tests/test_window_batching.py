@@ -166,7 +166,7 @@ def unbatched_progress(nets):
 def test_progress_once_per_window_in_order(nets, unbatched_progress, per_batch):
     single, single_checks = unbatched_progress
     batched, batched_checks = progress_and_interrupt_checks(nets, per_batch)
-    assert single == [("sampling", i, 10) for i in range(1, 11)]
+    assert single == [("sampling", i, 10) for i in range(0, 11)]  # announced at 0, then one per window
     assert batched == single
     assert single_checks == 10
     assert batched_checks == 2 * len(range(0, 5, per_batch))  # at least once per group

@@ -293,10 +293,29 @@ class ComfyServer:
         return WebSocketEvents(HOST, self.port, client_id)
 
 
+def progress_of(event: dict, prompt_id: str, node_id: str) -> Optional[Tuple[float, float]]:
+    """(value, max) when ``event`` reports progress of ``node_id`` in ``prompt_id``, else None.
+
+    Two message kinds carry it: ``progress`` (comfy.utils.ProgressBar) and ``progress_state`` (what the V3 API's
+    ``set_progress`` sends: every running node's value/max at once).
+    """
+    data = event.get("data") or {}
+    if data.get("prompt_id") != prompt_id:
+        return None
+    if event.get("type") == "progress" and str(data.get("node")) == str(node_id):
+        return float(data["value"]), float(data["max"])
+    if event.get("type") == "progress_state":
+        state = (data.get("nodes") or {}).get(str(node_id))
+        if state and state.get("state") == "running" and float(state.get("value", 0)) > 0:
+            return float(state["value"]), float(state["max"])
+    return None
+
+
 class WebSocketEvents:
     """Minimal RFC 6455 client for ComfyUI's /ws: a reader thread puts every JSON text message in a queue.
 
-    Only what the tests need: no extensions, text frames decoded as JSON, binary frames (previews) dropped.
+    Only what the tests need: no extensions, text frames decoded as JSON; a binary frame (a preview image) becomes
+    ``{"type": "binary_preview", "bytes": n}``. Every event gets ``"_t"``: ``time.monotonic()`` when it arrived.
     """
 
     def __init__(self, host: str, port: int, client_id: str, timeout_s: float = HTTP_TIMEOUT_S):
@@ -360,7 +379,11 @@ class WebSocketEvents:
                 elif opcode == 0x0:
                     message += payload
                 if fin and message_opcode == 0x1:
-                    self.events.put(json.loads(message.decode("utf-8")))
+                    event = json.loads(message.decode("utf-8"))
+                    event["_t"] = time.monotonic()
+                    self.events.put(event)
+                elif fin and message_opcode == 0x2:
+                    self.events.put({"type": "binary_preview", "bytes": len(message), "_t": time.monotonic()})
                 if fin:
                     message, message_opcode = b"", None
         except (OSError, ConnectionError, ValueError):
