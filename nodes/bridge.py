@@ -227,7 +227,16 @@ class ComfyModelHandle:
         mm.load_models_gpu([h.patcher for h in group], memory_required=int(memory_required))
         if self not in _ACTIVE_HANDLES:
             _ACTIVE_HANDLES.append(self)
-        return getattr(self.patcher.model, _ROOT_ATTR)
+        module = getattr(self.patcher.model, _ROOT_ATTR)
+        device = torch.device(self.patcher.load_device)
+        if device.type == "cuda" and not getattr(module, "_diffueraser_attention", False):
+            # as the standalone runtime: the SDPA kernel is chosen explicitly (flash / memory-efficient), and a
+            # size only the math fallback could run, and cannot fit, is a clear error instead of a silent fallback
+            from diffueraser_core.attention import cuda_capabilities, install_explicit_attention
+
+            install_explicit_attention(module, cuda_capabilities(device), lambda: mm.get_free_memory(device))
+            module._diffueraser_attention = True
+        return module
 
     def release(self) -> None:
         # ComfyUI offloads when memory is needed; the pack never unloads by hand.
