@@ -357,5 +357,12 @@ def test_node_masks_of_another_size_are_resized_once_by_the_stage_not_by_the_nod
     prepared = PreparedMask(holes=half.bool(), dilation=4)
     holes, dilation = masks_and_dilation(prepared, 8, 5, (64, 96), "DiffuEraser Blend")
     assert tuple(holes.shape) == (5, 32, 48) and dilation == 4
-    with pytest.raises(InputError, match="DiffuEraser Sampler"):
-        masks_and_dilation(torch.zeros(1, 32, 32), 8, 5, (64, 96), "DiffuEraser Sampler")
+    # through a node: the half-size mask blends like the full-size one it stands for; another aspect ratio fails
+    blend = pack.NODE_CLASS_MAPPINGS["DiffuEraserBlend"]
+    images, generated = torch.rand(5, 64, 96, 3), torch.rand(5, 64, 96, 3)
+    full = torch.nn.functional.interpolate(half[None], size=(64, 96), mode="nearest")[0]
+    (from_half,) = blend.execute(images, generated, half, 2, 5)
+    (from_full,) = blend.execute(images, generated, full, 2, 5)
+    assert torch.equal(from_half, from_full)
+    with pytest.raises(InputError, match="DiffuEraser Blend.*aspect"):
+        blend.execute(images, generated, torch.zeros(1, 32, 32), 2, 5)
