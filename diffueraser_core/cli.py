@@ -11,19 +11,27 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from typing import List, Optional
 
 from .errors import DiffuEraserError, Interrupted
+from .model_loading import (  # noqa: F401  (the loaders live below the CLI; these names stay importable here)
+    DIFFUSION_MODEL_KEYS,
+    PROG,
+    PROPAINTER_MODEL_KEYS,
+    auto_device as _auto_device,
+    check_models as _check_models,
+    default_models_dir as _default_models_dir,
+    load_diffusion as _load_diffusion,
+    load_diffusion_models,
+    load_propainter as _load_propainter,
+    resolve_lora as _resolve_lora,
+)
 
 log = logging.getLogger(__name__)
 
-PROG = "python -m diffueraser_core remove"
 #: run_diffueraser's ProPainter settings (the reference entry point overrides ProPainter's own defaults)
 RUN_DIFFUERASER_PROPAINTER = {"ref_stride": 10, "neighbor_length": 10, "subvideo_length": 50}  # = ProPainterSettings()
-DIFFUSION_MODEL_KEYS = ("unet_main", "brushnet", "pcm_lora", "vae", "text_encoder")
-PROPAINTER_MODEL_KEYS = ("raft", "flow_completion", "propainter")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,7 +137,7 @@ class _ProgressPrinter:
         if not self.job_fraction:
             return f"job {elapsed:.0f}s"
         eta = elapsed * (1.0 - self.job_fraction) / self.job_fraction
-        return f"job {100 * self.job_fraction:.0f}% {elapsed:.0f}s, ETA {eta:.0f}s"
+        return f"job {int(100 * self.job_fraction)}% {elapsed:.0f}s, ETA {eta:.0f}s"
 
     def __call__(self, stage, done, total, preview=None):
         from .progress import JOB_STAGE
@@ -167,93 +175,6 @@ class _ProgressPrinter:
             self.bar.close()
             self.bar = None
             self.stage = None
-
-
-def _default_models_dir() -> str:
-    return os.environ.get("COMFYUI_MODELS_DIR") or os.path.join(os.getcwd(), "models")
-
-
-def _missing_line(key: str) -> str:
-    from .model_files import MODEL_FILES_BY_KEY, expected_location
-
-    entry = MODEL_FILES_BY_KEY[key]
-    return f"  {key} ({entry.description}): missing; put it at {expected_location(key)}; published at {entry.published}"
-
-
-def _resolve_lora(found: dict, models_dir: str, lora: Optional[str]) -> Optional[str]:
-    if lora is not None and lora.lower() == "none":
-        return None
-    if lora is None:
-        return found.get("pcm_lora")
-    for candidate in (lora, os.path.join(models_dir, "diffueraser", lora)):
-        if os.path.isfile(candidate):
-            return candidate
-    from .errors import ModelFileError
-
-    raise ModelFileError(f"{PROG}: --lora {lora!r} not found as a path nor in {os.path.join(models_dir, 'diffueraser')!r}")
-
-
-def _check_models(models_dir: str, prior_only: bool, lora: Optional[str]) -> dict:
-    from .errors import ModelFileError
-    from .model_files import find_model_files
-
-    if not os.path.isdir(models_dir):
-        raise ModelFileError(f"{PROG}: models folder {models_dir!r} does not exist (use --models DIR)")
-    found = find_model_files(models_dir)
-    needed = list(PROPAINTER_MODEL_KEYS)
-    if not prior_only:
-        needed += [k for k in DIFFUSION_MODEL_KEYS if not (k == "pcm_lora" and lora is not None)]
-    missing = [k for k in needed if not found.get(k)]
-    if missing:
-        lines = [_missing_line(key) for key in missing]
-        raise ModelFileError(
-            f"{PROG}: {len(missing)} model file(s) missing in {models_dir!r}:\n" + "\n".join(lines)
-        )
-    return found
-
-
-def _load_diffusion(found: dict, models_dir: str, args, runtime):
-    return load_diffusion_models(found, _resolve_lora(found, models_dir, args.lora), args.lora_strength, runtime)
-
-
-def load_diffusion_models(found: dict, lora_path: Optional[str], lora_strength: float, runtime):
-    """unet_main (+ PCM LoRA), BrushNet, the empty-prompt embedding and the VAE codec from resolved file paths
-    (also each Ray worker's loader, diffueraser_core/distributed.py)."""
-    from .models.checkpoints import load_brushnet, load_unet_main, network_file_bytes
-    from .models.sd15_components import encode_prompt, load_text_encoder, load_vae
-    from .pipeline import DiffuEraserModels, DiffusersVaeCodec
-    from .schedule import scheduler_for_lora
-
-    def device_for(family):
-        # Built straight on the GPU when it fits: the weights then never take host RAM (the host-RAM budget
-        # is the input video plus a few GB, and unet_main alone is 2.6 GB in half precision).
-        return runtime.placement_device(network_file_bytes(found[family], family, runtime.dtype))
-
-    unet = load_unet_main(found["unet_main"], dtype=runtime.dtype, device=device_for("unet_main"))
-    if lora_path is not None:
-        from .models.lora import apply_lora, read_lora
-
-        apply_lora(unet, read_lora(lora_path), lora_strength)
-        log.info("PCM LoRA %s applied at strength %g", lora_path, lora_strength)
-    else:
-        log.warning("no PCM LoRA: a few-step schedule without it gives poor results")
-    brushnet = load_brushnet(found["brushnet"], dtype=runtime.dtype, device=device_for("brushnet"))
-    text_encoder = load_text_encoder(found["text_encoder"])
-    text_encoder.to(runtime.device, runtime.dtype_for(text_encoder))
-    text = encode_prompt(text_encoder, "", runtime.device)
-    del text_encoder
-    vae = load_vae(found["vae"])
-    models = DiffuEraserModels(unet=runtime.wrap(unet, "diffueraser_unet_main"),
-                               brushnet=runtime.wrap(brushnet, "diffueraser_brushnet"),
-                               scheduler=scheduler_for_lora(lora_path))
-    codec = DiffusersVaeCodec(runtime.wrap(vae, "sd15_vae"), runtime)
-    return models, codec, text
-
-
-def _load_propainter(found: dict, runtime):
-    from .prior_propainter import load_propainter_nets
-
-    return load_propainter_nets(None, runtime, found["raft"], found["flow_completion"], found["propainter"])
 
 
 def settings_from_args(args):
@@ -337,12 +258,6 @@ def _check_device(device) -> None:
     if not available.get(device.type, False):
         usable = ", ".join(name for name, ok in available.items() if ok)
         raise InputError(f"{PROG}: --device {device.type!r} is not available here; usable: {usable}")
-
-
-def _auto_device():
-    from .runtime import default_device
-
-    return default_device()
 
 
 def main(argv: Optional[List[str]] = None, engine=None) -> int:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .model_loading import PROG
+
 log = logging.getLogger(__name__)
 
 
@@ -32,7 +34,6 @@ class Shot:
 def read_shot(video_path: str, mask_path: str, args, target, printer=None) -> Shot:
     """Read a video and its masks, checking the working size, the encoding the output needs and the mask coverage:
     every bad-input error before any long work. ``target``: the checked output (``cli.check_output``)."""
-    from .cli import PROG
     from .media_in import read_clip
     from .media_masks import check_mask_coverage, read_masks_for
     from .media_out import choose_encoding
@@ -57,16 +58,16 @@ class LocalEngine:
     """The networks in this process (the single-process path)."""
 
     def __init__(self, args, found: dict, models_dir: str, printer):
-        from . import cli
+        from .model_loading import auto_device, load_diffusion, load_propainter
         from .runtime import StandaloneRuntime, dtype_from_name
 
-        device = torch.device(args.device) if args.device else cli._auto_device()
+        device = torch.device(args.device) if args.device else auto_device()
         self.runtime = StandaloneRuntime(device=device, dtype=dtype_from_name(args.dtype, device),
                                          progress_callback=printer)
-        self.nets = cli._load_propainter(found, self.runtime)
+        self.nets = load_propainter(found, self.runtime)
         self.models = self.codec = self.text = None
         if not args.prior_only:
-            self.models, self.codec, self.text = cli._load_diffusion(found, models_dir, args, self.runtime)
+            self.models, self.codec, self.text = load_diffusion(found, models_dir, args, self.runtime)
 
     def remove(self, frames, masks, *, settings, max_side, prior_only, output, original=None):
         from .pipeline import remove_objects
@@ -136,18 +137,18 @@ class RayEngine:
 
     @classmethod
     def start(cls, args, found: dict, models_dir: str, printer) -> "RayEngine":
-        from . import cli
         from .distributed import RayRemover, WorkerSpec, init_cluster
 
         from .errors import InputError
+        from .model_loading import resolve_lora
         from .schedule import scheduler_for_lora
 
-        lora = None if args.prior_only else cli._resolve_lora(found, models_dir, args.lora)
+        lora = None if args.prior_only else resolve_lora(found, models_dir, args.lora)
         scheduler = args.scheduler if args.scheduler != "auto" else scheduler_for_lora(lora)
         if not args.prior_only and scheduler == "lcm":
             # the workers step every window with TCD; LCM's per-window step noise is not distributed yet
             raise InputError(
-                f"{cli.PROG} --ray: the LCM sampler (--scheduler {args.scheduler}, LoRA {lora!r}) does not run on "
+                f"{PROG} --ray: the LCM sampler (--scheduler {args.scheduler}, LoRA {lora!r}) does not run on "
                 "Ray yet; run it without --ray, or use a TCD PCM LoRA (pcm_sd15_smallcfg_*)"
             )
         address = None if args.ray in ("", "local") else args.ray
@@ -196,7 +197,6 @@ def make_engine(args, found: dict, models_dir: str, printer):
 
 def run_shot(engine, shot: Shot, target, settings, args, printer) -> None:
     """Remove the masked objects of one shot and write ``target`` (``cli.check_output``) atomically."""
-    from .cli import PROG
     from .media_in import original_to_uint8
     from .media_out import write_clip
 

@@ -41,7 +41,7 @@ class PipelineWorker:
     """A Ray actor body: the networks loaded once, the single-process stage functions on the driver's pieces."""
 
     def __init__(self, spec: WorkerSpec):
-        from . import cli
+        from .model_loading import load_diffusion_models, load_propainter
         from .runtime import StandaloneRuntime, default_device
 
         if spec.threads:
@@ -50,10 +50,10 @@ class PipelineWorker:
         self.fail_once: Dict[str, str] = {}
         device = torch.device(spec.device) if spec.device else default_device()
         self.runtime = StandaloneRuntime(device=device)
-        self.nets = cli._load_propainter(spec.model_paths, self.runtime)
+        self.nets = load_propainter(spec.model_paths, self.runtime)
         self.models = self.codec = self.text = None
         if not spec.prior_only:
-            self.models, self.codec, self.text = cli.load_diffusion_models(
+            self.models, self.codec, self.text = load_diffusion_models(
                 spec.model_paths, spec.lora_path, spec.lora_strength, self.runtime
             )
 

@@ -22,11 +22,17 @@ def _diffusers_warnings(caplog, fn):
     handler goes on the logger itself; logger filters run before any handler)."""
     logger = logging.getLogger(log_filters.DIFFUSERS_MODELING_LOGGER)
     handler = _Collect()
+    # other tests may have turned diffusers' verbosity down (set_verbosity_error): warnings must reach the filter
+    level, disabled = logger.level, logger.disabled
+    logger.setLevel(logging.WARNING)
+    logger.disabled = False
     logger.addHandler(handler)
     try:
         fn()
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.disabled = disabled
     return handler.messages
 
 

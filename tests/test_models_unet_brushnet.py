@@ -150,7 +150,12 @@ def test_random_folders_round_trip(tmp_path, nets):
     unet, brushnet = nets
     unet_dir = diffusion.save_unet_main_folder(tmp_path / "unet_main", seed=0)
     brush_dir = diffusion.save_brushnet_folder(tmp_path / "brushnet", seed=1)
-    for folder, config in ((unet_dir, configs.TINY_UNET_MAIN_CONFIG), (brush_dir, configs.TINY_BRUSHNET_CONFIG)):
+    # unet_main's file carries every key of the official config.json (official values where the tiny config has
+    # none: the official pipeline reads some the class ignores, e.g. time_cond_proj_dim)
+    official_unet = {k: v for k, v in configs.UNET_MAIN_CONFIG.items() if not k.startswith("_")}
+    unet_file_config = {**official_unet, **configs.TINY_UNET_MAIN_CONFIG}
+    assert "time_cond_proj_dim" in unet_file_config and set(official_unet) <= set(unet_file_config)
+    for folder, config in ((unet_dir, unet_file_config), (brush_dir, configs.TINY_BRUSHNET_CONFIG)):
         assert sorted(p.name for p in folder.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
         assert json.loads((folder / "config.json").read_text()) == config  # _class_name included
     assert configs.TINY_UNET_MAIN_CONFIG["_class_name"] == "UNetMotionModel"

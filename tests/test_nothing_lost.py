@@ -78,8 +78,11 @@ def test_the_pipeline_keeps_every_frame_and_every_pixel_it_was_not_asked_to_touc
     out = run_pipeline(tiny_nets(), frames, masks, TrackingRuntime(), feather=feather,
                        sampler={"steps": steps, "window_length": length, "mask_dilation": dilation})
     assert out.shape == frames.shape and out.dtype == torch.uint8
-    full = broadcast_masks(masks, count, (height, width))
-    alpha = blend_weights(prepare_blend_masks(full, working_size(height, width), dilation), feather)
+    # a mask of another size is resized once, straight from its own size to the working size (as the reference),
+    # then the prepared mask is brought to the frames' size: the blend's own weights
+    native = broadcast_masks(masks, count, (height, width), resize=False)
+    prepared = prepare_blend_masks(native, working_size(height, width), dilation, (height, width))
+    alpha = blend_weights(prepared, feather)
     untouched = alpha == 0
     assert torch.equal(out[untouched], frames[untouched]), f"{kind}: pixels with blend weight 0 changed"
     if kind == "empty":
