@@ -43,8 +43,12 @@ def _quiet_diffusers():
 
 @pytest.fixture(scope="module")
 def default_run():
+    level = logging.getLogger("diffusers").level
     logging.getLogger("diffusers").setLevel(logging.ERROR)
-    return simulate_removal(WIDTH, HEIGHT, CLIP_FRAMES)
+    try:
+        yield simulate_removal(WIDTH, HEIGHT, CLIP_FRAMES)
+    finally:
+        logging.getLogger("diffusers").setLevel(level)
 
 
 def test_default_run_fits_and_never_mixes_devices(default_run):
