@@ -447,9 +447,9 @@ def cli_inputs(tmp_path_factory):
 
 
 def _cli(monkeypatch, cli_inputs, output, *extra):
-    from diffueraser_core import cli
+    from diffueraser_core import cli, model_loading
 
-    monkeypatch.setattr(cli, "_load_propainter", lambda found, runtime: stand_in_propainter(runtime))
+    monkeypatch.setattr(model_loading, "load_propainter", lambda found, runtime: stand_in_propainter(runtime))
     argv = [str(cli_inputs["video"]), str(cli_inputs["mask"]), str(output), "--models", str(cli_inputs["models"]),
             "--device", "cpu", "--quiet", "--steps", "1", "--window-length", "2", "--mask-dilation", "2",
             "--raft-iter", "1",
