@@ -240,13 +240,14 @@ class RayRemover:
         from .blend import DEFAULT_FEATHER
         from .pipeline import (
             NODE as PIPELINE,
-            SamplerSettings,
             _into_original,
             _propainter_settings,
+            default_settings,
             prepare_sampling_inputs,
+            unchanged_result,
         )
         from .pre_inference import should_pre_infer
-        from .prior_injection import VAE_SCALING, InjectionSettings, inject_forward_noise, tcd_timesteps
+        from .prior_injection import VAE_SCALING, inject_forward_noise, tcd_timesteps
         from .temporal_sampling import pairs_down
         from .video import DEFAULT_MAX_SIDE, FRAME_CHUNK, working_size
         from .windows import window_lists
@@ -254,17 +255,11 @@ class RayRemover:
         ray = self.ray
         max_side = DEFAULT_MAX_SIDE if max_side is None else max_side
         feather = DEFAULT_FEATHER if feather is None else feather
-        sampler_settings = sampler_settings or SamplerSettings()
-        injection_settings = injection_settings or InjectionSettings(
-            seed=0, window_length=sampler_settings.window_length, inversion_steps=sampler_settings.steps
-        )
+        sampler_settings, injection_settings = default_settings(sampler_settings, injection_settings)
         masks = prepare_sampling_inputs(frames, masks, PIPELINE)
         num, height, width = int(frames.shape[0]), int(frames.shape[1]), int(frames.shape[2])
         if not bool(masks.any()):
-            log.info("%s: the mask is empty; returning the input unchanged", NODE)
-            if original is not None:
-                return original
-            return frames if output is None else output.copy_(frames)
+            return unchanged_result(frames, output, original)
         work_h, work_w = working_size(height, width, max_side)
         prior_settings = _propainter_settings(propainter_settings, sampler_settings.mask_dilation)
         window = sampler_settings.window_settings()

@@ -76,28 +76,24 @@ class LocalEngine:
         printer = self.runtime.progress_callback
         self.runtime.progress_callback = local_job_progress(printer, int(frames.shape[0]), sampler, prior_only)
         try:
-            return self._remove(frames, masks, settings, max_side, prior_only, output, original, remove_objects)
+            return remove_objects(
+                frames,
+                masks,
+                propainter_nets=self.nets,
+                runtime=self.runtime,
+                models=self.models,
+                codec=self.codec,
+                text_embeddings=self.text,
+                sampler_settings=sampler,
+                injection_settings=injection,
+                propainter_settings=propainter,
+                max_side=max_side,
+                prior_only=prior_only,
+                output=output,
+                original=original,
+            )
         finally:
             self.runtime.progress_callback = printer
-
-    def _remove(self, frames, masks, settings, max_side, prior_only, output, original, remove_objects):
-        sampler, injection, propainter = settings
-        return remove_objects(
-            frames,
-            masks,
-            propainter_nets=self.nets,
-            runtime=self.runtime,
-            models=self.models,
-            codec=self.codec,
-            text_embeddings=self.text,
-            sampler_settings=sampler,
-            injection_settings=injection,
-            propainter_settings=propainter,
-            max_side=max_side,
-            prior_only=prior_only,
-            output=output,
-            original=original,
-        )
 
     def set_printer(self, printer) -> None:
         self.runtime.progress_callback = printer

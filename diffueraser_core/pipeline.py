@@ -421,6 +421,25 @@ def _into_original(result: torch.Tensor, frames: torch.Tensor, original: torch.T
     return original
 
 
+def default_settings(sampler_settings=None, injection_settings=None):
+    """(SamplerSettings, InjectionSettings) with the defaults of a removal filled in (the window noise follows the
+    sampler's window length and step count); shared by ``remove_objects`` and the Ray executor."""
+    sampler_settings = sampler_settings or SamplerSettings()
+    injection_settings = injection_settings or InjectionSettings(
+        seed=0, window_length=sampler_settings.window_length, inversion_steps=sampler_settings.steps
+    )
+    return sampler_settings, injection_settings
+
+
+def unchanged_result(frames: torch.Tensor, output: Optional[torch.Tensor], original: Optional[torch.Tensor]):
+    """What a removal with an empty mask returns: the input itself (its full-depth / alpha original when there is
+    one), copied into ``output`` when that was given."""
+    log.info("%s: the mask is empty; returning the input unchanged", NODE)
+    if original is not None:
+        return original
+    return frames if output is None else output.copy_(frames)
+
+
 def remove_objects(
     frames: torch.Tensor,
     masks: torch.Tensor,
@@ -453,17 +472,11 @@ def remove_objects(
     from .prior_propainter import run_propainter_prior
     from .video import working_size
 
-    sampler_settings = sampler_settings or SamplerSettings()
-    injection_settings = injection_settings or InjectionSettings(
-        seed=0, window_length=sampler_settings.window_length, inversion_steps=sampler_settings.steps
-    )
+    sampler_settings, injection_settings = default_settings(sampler_settings, injection_settings)
     masks = prepare_sampling_inputs(frames, masks, NODE)
     num, height, width = int(frames.shape[0]), int(frames.shape[1]), int(frames.shape[2])
     if not bool(masks.any()):
-        log.info("%s: the mask is empty; returning the input unchanged", NODE)
-        if original is not None:
-            return original
-        return frames if output is None else output.copy_(frames)
+        return unchanged_result(frames, output, original)
     if not prior_only and (models is None or codec is None or text_embeddings is None):
         raise InputError(f"{NODE}: the diffusion stage needs models, a VAE codec and text embeddings")
     # validate the working size before the (long) prior stage
