@@ -19,14 +19,6 @@ from media_factory import audio_packets, pattern, stream_info, write_media
 OPTS = ["--raft-iter", "1", "--steps", "2", "--resize-ratio", "1.0", "--mask-dilation", "2", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
