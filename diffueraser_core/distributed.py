@@ -9,9 +9,10 @@ the same models folder paths and keep them. The driver (the process that runs th
 latents and hands out work, always by calling the single-process functions on an aligned sub-range, so the
 computation of every piece is the single-process computation:
 
-* **prior**: ``run_propainter_prior`` on one worker (not split: see below); the finished prior frames it streams
-  out are VAE-encoded by the other workers in the same ``FRAME_CHUNK`` ranges as ``_PriorLatentSink``, while
-  they also build the BrushNet conditioning, which does not need the prior.
+* **prior**: ``prior_distributed.run_prior_on_cluster``: RAFT, flow-completion and propagation chunks and the
+  transformer steps are tasks on every worker, on the single-process chunk grids, reading each other's results
+  through Ray's object store; the driver merges the transformer steps in order. The finished prior frames are
+  VAE-encoded by the workers in the same ``FRAME_CHUNK`` ranges as ``_PriorLatentSink`` while the prior goes on.
 * **conditioning**: ``build_conditioning`` on ranges of ``CONDITIONING_CHUNK`` frames (it works chunk by chunk
   on exactly those ranges, so each worker sees the single-process VAE batches).
 * **injection**: forward noise on the driver (seeded noise, cheap); DDIM inversion (not the reference default)
@@ -25,14 +26,6 @@ computation of every piece is the single-process computation:
   at 960x536).
 * **decode + blend**: ``decode_and_blend`` on ranges of ``FRAME_CHUNK`` frames; results are taken in frame order
   as they complete and handed to ``on_frames``.
-
-Why the prior is not split: its pieces are independent given their padded inputs (RAFT pairs, flow-completion
-chunks of ``subvideo_length`` pairs, propagation chunks, transformer steps given their neighbour and reference
-frames, after the one global pre-propagation pass), but ``run_propainter_prior`` pulls them through streaming
-cursors (``_FlowGuidedVideo``) that keep only a bounded band of flows and propagated frames. Splitting it bit for
-bit needs those intermediates moved between workers (fp16 flows and propagated frames, ~7 MB a frame at the
-768x432 prior size of a 720p clip) and every cursor's exact chunk boundaries reproduced (OOM halving included);
-that is the next step (bench/README.md, projection). The prior is 7% of a 720p run's FLOPs.
 
 Faults: workers are actors with ``max_restarts`` / ``max_task_retries``: a worker process that dies mid-task is
 restarted (reloading its networks) and its task re-run by Ray; every result is placed by its frame range, so no
@@ -48,7 +41,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import torch
 
@@ -62,6 +55,8 @@ NODE = "DiffuEraser (Ray)"
 INSTALL_HINT = "pip install 'comfyui-diffueraser[distributed]' (or: pip install ray)"
 #: how often Ray restarts a lost worker and re-runs its task before the run fails
 MAX_RESTARTS = 3
+#: prior chunks (FRAME_CHUNK frames each) in flight to the encoding workers, per worker
+ENCODES_IN_FLIGHT_PER_WORKER = 4
 
 
 def import_ray():
@@ -98,6 +93,45 @@ def init_cluster(address: Optional[str] = None, num_cpus: Optional[int] = None, 
     except ConnectionError as exc:
         raise InputError(f"{NODE}: cannot connect to the Ray cluster at {address!r}: {exc}") from exc
     return ray
+
+
+class _RemoteEncodeSink:
+    """``pipeline._PriorLatentSink`` with its ``FRAME_CHUNK`` ranges (the same ranges, so the same VAE batches)
+    encoded by the workers, round robin, with a bounded number in flight; ``result`` collects them in order."""
+
+    def __init__(self, num, size, workers, progress):
+        from .pipeline import _PriorLatentSink
+
+        class Sink(_PriorLatentSink):
+            def _encode(sink, start, stop, frames):
+                self._submit(start, stop, frames)
+
+        self.workers, self.progress = list(workers), progress
+        self.sink = Sink(num, size, None, self)
+        self.pending: List[Optional[tuple]] = []
+        self.collected = 0
+
+    def __call__(self, start, stop, frames):
+        self.sink(start, stop, frames)
+
+    def _submit(self, start, stop, frames):
+        worker = self.workers[len(self.pending) % len(self.workers)]
+        self.pending.append((start, stop, worker.encode_frames.remote(frames.clone(), self.sink.size)))
+        while len(self.pending) - self.collected > ENCODES_IN_FLIGHT_PER_WORKER * len(self.workers):
+            self._collect_one()
+
+    def _collect_one(self):
+        import ray
+
+        start, stop, ref = self.pending[self.collected]
+        self.sink.latent[start:stop] = ray.get(ref)
+        self.pending[self.collected] = None
+        self.collected += 1
+
+    def result(self) -> torch.Tensor:
+        while self.collected < len(self.pending):
+            self._collect_one()
+        return self.sink.result()
 
 
 class RayRemover:
@@ -247,6 +281,7 @@ class RayRemover:
             unchanged_result,
         )
         from .pre_inference import should_pre_infer
+        from .prior_distributed import run_prior_on_cluster
         from .prior_injection import VAE_SCALING, inject_forward_noise, tcd_timesteps
         from .temporal_sampling import pairs_down
         from .video import DEFAULT_MAX_SIDE, FRAME_CHUNK, working_size
@@ -268,13 +303,10 @@ class RayRemover:
         windows = sum(len(list_a if n % 2 == 0 else list_b) for n in range(steps))
         job = JobProgress(progress, {"prior": num, "conditioning": num, "pre-inference": window.window_length,
                                      "sampling": windows * window.window_length, "decode": num})
-        first, others = self.workers[0], (self.workers[1:] or self.workers)
-        # numpy: workers on this machine read the shared-memory copy without another copy of their own
-        frames_ref, masks_ref = ray.put(frames.numpy()), ray.put(masks.contiguous().numpy())
+        first = self.workers[0]
 
         if prior_only:
-            out = ray.get(first.prior_frames.remote(frames_ref, masks_ref, prior_settings))
-            del frames_ref, masks_ref
+            out = run_prior_on_cluster(ray, self.workers, frames, masks, prior_settings, progress=job)
             job("prior", num, num)
             if original is not None:
                 out = _into_original(out, frames, original)
@@ -283,14 +315,15 @@ class RayRemover:
                     on_frames(a, min(a + FRAME_CHUNK, num), out[a:a + FRAME_CHUNK])
             return out if output is None or original is not None else output.copy_(out)
 
-        prior_ref = first.prior_latent.remote(frames_ref, masks_ref, prior_settings, (work_h, work_w),
-                                              self.workers[1:])
-        latent_hw = (work_h // 8, work_w // 8)
-        # the conditioning does not need the prior: the other workers build it meanwhile
-        conditioning = self._conditioning(frames, masks, latent_hw, sampler_settings.mask_dilation, others, job)
-        prior_latent = ray.get(prior_ref)
-        del frames_ref, masks_ref, prior_ref  # the object store copies go once nothing refers to them
+        # the prior's chunks on every worker; its finished frames are VAE-encoded by the workers too, in the
+        # single-process FRAME_CHUNK ranges, while the prior goes on
+        encoder = _RemoteEncodeSink(num, (work_h, work_w), self.workers, job)
+        run_prior_on_cluster(ray, self.workers, frames, masks, prior_settings, sink=encoder, progress=job)
+        prior_latent = encoder.result()
+        del encoder
         job("prior", num, num)
+        latent_hw = (work_h // 8, work_w // 8)
+        conditioning = self._conditioning(frames, masks, latent_hw, sampler_settings.mask_dilation, self.workers, job)
         if injection_settings.mode == "ddim_inversion":
             start = ray.get(first.invert.remote(prior_latent, conditioning, injection_settings,
                                                 sampler_settings.window_overlap, sampler_settings.brushnet_scale))

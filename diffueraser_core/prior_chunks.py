@@ -225,58 +225,102 @@ class _FlowGuidedVideo:
         if any(dropped):
             return_free_memory()  # see allocator.py: freed chunks would otherwise stay resident
 
-    # -- the stages, one chunk each
+    # -- the stages, one chunk each (the computations are the module functions below, shared with the Ray
+    # executor, which runs the same chunks on other machines)
     def _raft(self, start: int, count: int) -> None:
-        h, w = self.h, self.w
-        # all-pairs correlation volume at 1/8 size in fp32, plus its pyramid (1 + 1/4 + 1/16 + ...)
-        corr_bytes = (h // 8 * (w // 8)) ** 2 * 4 * 4 // 3
-        raft = _acquire(self.nets.raft, torch.float32, count * (corr_bytes + h * w * RAFT_VALUES_PER_PIXEL * 4))
-        device = next(raft.parameters()).device
-        clip = _to_device_frames(self.frames_at(range(start, start + count + 1)), device, torch.float32)[0]
-        with torch.inference_mode():
-            _, forward = raft(clip[:-1], clip[1:], iters=self.settings.raft_iter, test_mode=True)
-            _, backward = raft(clip[1:], clip[:-1], iters=self.settings.raft_iter, test_mode=True)
-        self.raw_f.put(start, forward.to("cpu", torch.float16))
-        self.raw_b.put(start, backward.to("cpu", torch.float16))
+        forward, backward = raft_chunk(self.nets, self.frames_at(range(start, start + count + 1)), self.settings)
+        self.raw_f.put(start, forward)
+        self.raw_b.put(start, backward)
 
     def _complete(self, start: int, count: int) -> None:
-        h, w, dtype, pad = self.h, self.w, self.dtype, self.settings.flow_completion_padding
-        s, e = max(0, start - pad), min(self.count - 1, start + count + pad)
+        s, e = completion_span(start, count, self.count, self.settings)
         self.raft.advance_to(e)
         self.runtime.check_interrupt()  # the pull above may have run for a while
-        model = _acquire(self.nets.flow_completion, dtype, (e - s) * h * w * COMPLETION_VALUES_PER_PIXEL * _itemsize(dtype))
-        device = next(model.parameters()).device
-        gt = (self.raw_f.get(s, e).to(device, dtype).unsqueeze(0), self.raw_b.get(s, e).to(device, dtype).unsqueeze(0))
-        masks = _to_device_masks(self.flow_masks[s : e + 1], device, dtype)
-        with torch.inference_mode():
-            pred, _ = model.forward_bidirect_flow(gt, masks)
-            pred = model.combine_flow(gt, pred, masks)
-        head = start - s
-        self.flows_f.put(start, pred[0][0, head : head + count].to("cpu", torch.float16))
-        self.flows_b.put(start, pred[1][0, head : head + count].to("cpu", torch.float16))
+        forward, backward = complete_chunk(self.nets, self.raw_f.get(s, e), self.raw_b.get(s, e),
+                                           self.flow_masks[s : e + 1], start - s, count, self.dtype)
+        self.flows_f.put(start, forward)
+        self.flows_b.put(start, backward)
 
     def _propagate(self, start: int, count: int) -> None:
-        h, w, dtype, pad = self.h, self.w, self.dtype, self.settings.propagation_padding
-        s, e = max(0, start - pad), min(self.count, start + count + pad)
+        s, e = propagation_span(start, count, self.count, self.settings)
         self.completion.advance_to(e - 1)
         self.runtime.check_interrupt()
-        generator = _acquire(self.nets.generator, dtype, (e - s) * h * w * PROPAGATION_VALUES_PER_PIXEL * _itemsize(dtype))
-        device = next(generator.parameters()).device
-        frames = _to_device_frames(self.frames_at(range(s, e)), device, torch.float32)
-        for i in range(s, e):
-            if i in self.overrides:
-                frames[0, i - s] = self.overrides[i].to(device, torch.float32)
-        frames = frames.to(dtype)
-        m = _to_device_masks(self.masks_in_of(s, e), device, dtype)
-        flows = (self.flows_f.get(s, e - 1).to(device, dtype).unsqueeze(0),
-                 self.flows_b.get(s, e - 1).to(device, dtype).unsqueeze(0))
-        with torch.inference_mode():
-            prop, prop_masks = generator.img_propagation(frames * (1 - m), flows, m, PROPAGATION_INTERPOLATION)
-            t = e - s
-            result = frames * (1 - m) + prop.reshape(1, t, 3, h, w) * m
-        head = start - s
-        self.updated.put(start, result[0, head : head + count].to("cpu", torch.float16))
-        self.updated_masks.put(start, prop_masks.reshape(t, h, w)[head : head + count].to("cpu") > 0.5)
+        overrides = {i - s: self.overrides[i] for i in range(s, e) if i in self.overrides}
+        updated, updated_masks = propagate_chunk(
+            self.nets, self.frames_at(range(s, e)), overrides, self.masks_in_of(s, e),
+            (self.flows_f.get(s, e - 1), self.flows_b.get(s, e - 1)), start - s, count, self.dtype,
+        )
+        self.updated.put(start, updated)
+        self.updated_masks.put(start, updated_masks)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One chunk of each stage, from its (padded) inputs on the CPU to its outputs on the CPU. The single-process
+# cursors above and the Ray executor's workers (``prior_distributed``) both run exactly these.
+
+
+def completion_span(start: int, count: int, frames: int, settings) -> Tuple[int, int]:
+    """The flow pairs ``[s, e)`` a flow-completion chunk reads: the chunk plus its padding, within the video."""
+    pad = settings.flow_completion_padding
+    return max(0, start - pad), min(frames - 1, start + count + pad)
+
+
+def propagation_span(start: int, count: int, frames: int, settings) -> Tuple[int, int]:
+    """The frames ``[s, e)`` an image-propagation chunk reads (it also reads the flow pairs ``[s, e - 1)``)."""
+    pad = settings.propagation_padding
+    return max(0, start - pad), min(frames, start + count + pad)
+
+
+def raft_chunk(nets, frames_u8: torch.Tensor, settings) -> Tuple[torch.Tensor, torch.Tensor]:
+    """RAFT on consecutive pairs of working-size uint8 frames ``[c+1,h,w,3]`` -> fp16 forward and backward flows
+    ``[c,2,h,w]`` (always in fp32, as the reference)."""
+    count, h, w = int(frames_u8.shape[0]) - 1, int(frames_u8.shape[1]), int(frames_u8.shape[2])
+    # all-pairs correlation volume at 1/8 size in fp32, plus its pyramid (1 + 1/4 + 1/16 + ...)
+    corr_bytes = (h // 8 * (w // 8)) ** 2 * 4 * 4 // 3
+    raft = _acquire(nets.raft, torch.float32, count * (corr_bytes + h * w * RAFT_VALUES_PER_PIXEL * 4))
+    device = next(raft.parameters()).device
+    clip = _to_device_frames(frames_u8, device, torch.float32)[0]
+    with torch.inference_mode():
+        _, forward = raft(clip[:-1], clip[1:], iters=settings.raft_iter, test_mode=True)
+        _, backward = raft(clip[1:], clip[:-1], iters=settings.raft_iter, test_mode=True)
+    return forward.to("cpu", torch.float16), backward.to("cpu", torch.float16)
+
+
+def complete_chunk(nets, raw_f, raw_b, flow_masks, head: int, count: int, dtype):
+    """Flow completion of the padded pairs ``raw_f``/``raw_b`` (fp16 ``[p,2,h,w]``) with their frames' masks
+    (bool ``[p+1,h,w]``); returns the completed flows of the ``count`` pairs from ``head`` (fp16)."""
+    p, h, w = int(raw_f.shape[0]), int(raw_f.shape[2]), int(raw_f.shape[3])
+    model = _acquire(nets.flow_completion, dtype, p * h * w * COMPLETION_VALUES_PER_PIXEL * _itemsize(dtype))
+    device = next(model.parameters()).device
+    gt = (raw_f.to(device, dtype).unsqueeze(0), raw_b.to(device, dtype).unsqueeze(0))
+    masks = _to_device_masks(flow_masks, device, dtype)
+    with torch.inference_mode():
+        pred, _ = model.forward_bidirect_flow(gt, masks)
+        pred = model.combine_flow(gt, pred, masks)
+    return (pred[0][0, head : head + count].to("cpu", torch.float16),
+            pred[1][0, head : head + count].to("cpu", torch.float16))
+
+
+def propagate_chunk(nets, frames_u8, overrides: Dict[int, torch.Tensor], masks_in, flows, head: int, count: int,
+                    dtype):
+    """Image propagation of the padded working-size frames ``frames_u8`` (uint8 ``[t,h,w,3]``; ``overrides``:
+    already propagated frames by offset, fp16 ``[3,h,w]``) with the image masks ``masks_in`` (bool ``[t,h,w]``)
+    and completed flows (fp16 ``[t-1,2,h,w]`` each way). Returns the ``count`` frames from ``head``: fp16
+    ``[3,h,w]`` in [-1,1] and bool masks (True = still a hole)."""
+    t, h, w = int(frames_u8.shape[0]), int(frames_u8.shape[1]), int(frames_u8.shape[2])
+    generator = _acquire(nets.generator, dtype, t * h * w * PROPAGATION_VALUES_PER_PIXEL * _itemsize(dtype))
+    device = next(generator.parameters()).device
+    frames = _to_device_frames(frames_u8, device, torch.float32)
+    for k, value in overrides.items():
+        frames[0, k] = value.to(device, torch.float32)
+    frames = frames.to(dtype)
+    m = _to_device_masks(masks_in, device, dtype)
+    flows = (flows[0].to(device, dtype).unsqueeze(0), flows[1].to(device, dtype).unsqueeze(0))
+    with torch.inference_mode():
+        prop, prop_masks = generator.img_propagation(frames * (1 - m), flows, m, PROPAGATION_INTERPOLATION)
+        result = frames * (1 - m) + prop.reshape(1, t, 3, h, w) * m
+    return (result[0, head : head + count].to("cpu", torch.float16),
+            prop_masks.reshape(t, h, w)[head : head + count].to("cpu") > 0.5)
 
 
 class _OutputWriter:

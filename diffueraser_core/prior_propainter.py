@@ -43,7 +43,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional
+from dataclasses import dataclass
+from typing import List, Optional
 
 import torch
 
@@ -123,29 +124,84 @@ def load_propainter_nets(folder, runtime, raft_path=None, flow_completion_path=N
     )
 
 
+def pre_propagation_index(n: int, settings: ProPainterSettings) -> List[int]:
+    """The frames long videos pre-propagate (every ``n // (chunk // 2)``-th, reference rule); empty when the rule
+    does not apply (a video within one propagation chunk, or ``pre_propagation`` off)."""
+    chunk = settings.propagation_chunk
+    if not settings.pre_propagation or n <= chunk:
+        return []
+    return list(range(0, n, n // (chunk // 2)))
+
+
+def propagate_sample(sample_frames, sample_masks, size, nets, settings, dtype, runtime, progress):
+    """Flow-guided propagation of the sampled working-size frames (uint8 ``[k,h,w,3]``, dilated masks bool
+    ``[k,h,w]``) as a video of their own: fp16 ``[k,3,h,w]`` frames and bool ``[k,h,w]`` masks."""
+    k = int(sample_frames.shape[0])
+    sample = _FlowGuidedVideo(
+        k, size, lambda a, b: sample_frames[a:b], sample_masks, lambda a, b: sample_masks[a:b], {}, nets,
+        settings, dtype, runtime, progress,
+    )
+    sample.ensure_propagated(k)
+    return sample.updated.get(0, k), sample.updated_masks.get(0, k)
+
+
 def _pre_propagate(frames_of, work_masks, size, nets, settings, dtype, runtime, progress):
     """Long videos: propagate a sparse sample of frames first (reference rule); their results replace those
     input frames (fp16 [3,h,w]) and image masks (bool [h,w]) for the main propagation.
 
     Returns ``(frame overrides, mask overrides)`` by frame index, both empty when the rule does not apply.
     """
-    n = work_masks.shape[0]
-    chunk = settings.propagation_chunk
-    if not settings.pre_propagation or n <= chunk:
+    index = pre_propagation_index(int(work_masks.shape[0]), settings)
+    if not index:
         return {}, {}
-    sample_rate = n // (chunk // 2)
-    index = list(range(0, n, sample_rate))
-    log.info("%s: pre-propagating %d sampled frames (every %d-th)", STAGE, len(index), sample_rate)
+    log.info("%s: pre-propagating %d sampled frames (every %d-th)", STAGE, len(index),
+             index[1] - index[0] if len(index) > 1 else len(work_masks))
     sample_frames = torch.cat([frames_of(i, i + 1) for i in index])
-    sample_masks = work_masks[index]
-    sample = _FlowGuidedVideo(
-        len(index), size, lambda a, b: sample_frames[a:b], sample_masks, lambda a, b: sample_masks[a:b], {}, nets,
-        settings, dtype, runtime, progress,
-    )
-    sample.ensure_propagated(len(index))
-    updated, updated_masks = sample.updated.get(0, len(index)), sample.updated_masks.get(0, len(index))
+    updated, updated_masks = propagate_sample(sample_frames, work_masks[index], size, nets, settings, dtype, runtime,
+                                              progress)
     return ({i: updated[k].clone() for k, i in enumerate(index)},
             {i: updated_masks[k].clone() for k, i in enumerate(index)})
+
+
+@dataclass(frozen=True)
+class TransformerStep:
+    """One transformer step: it fills ``neighbor_ids`` (consecutive frames around ``frame``), also reading
+    ``ref_ids`` and the flow pairs ``pair_ids`` between neighbours; ``next_frame`` is where the next step starts."""
+
+    frame: int
+    neighbor_ids: List[int]
+    ref_ids: List[int]
+    next_frame: int
+
+    @property
+    def ids(self) -> List[int]:
+        return self.neighbor_ids + self.ref_ids
+
+    @property
+    def pair_ids(self) -> List[int]:
+        return self.neighbor_ids[:-1]
+
+
+def transformer_steps(n: int, settings: ProPainterSettings) -> List[TransformerStep]:
+    """The reference's steps over ``n`` frames: every ``neighbor_length // 2`` frames, with its neighbours and
+    reference frames (all of them for a video within ``subvideo_length``)."""
+    stride = settings.neighbor_length // 2
+    ref_num = settings.subvideo_length // settings.ref_stride if n > settings.subvideo_length else -1
+    steps = []
+    for f in range(0, n, stride):
+        neighbor_ids = list(range(max(0, f - stride), min(n, f + stride + 1)))
+        steps.append(TransformerStep(f, neighbor_ids, get_ref_index(f, neighbor_ids, n, settings.ref_stride, ref_num),
+                                     f + stride))
+    return steps
+
+
+def transformer_reach(n: int, settings: ProPainterSettings) -> Optional[int]:
+    """How far before a step its reference frames reach (None: a video within ``subvideo_length`` reads every
+    frame at every step); what is held for later steps follows from it."""
+    if n <= settings.subvideo_length:
+        return None
+    stride = settings.neighbor_length // 2
+    return max(stride, settings.ref_stride * ((settings.subvideo_length // settings.ref_stride) // 2))
 
 
 def _transformer(video: _FlowGuidedVideo, work_masks, masks_in_of, writer, nets, settings, dtype, runtime,
@@ -158,54 +214,55 @@ def _transformer(video: _FlowGuidedVideo, work_masks, masks_in_of, writer, nets,
     held does not grow with the video; a shorter video keeps every frame (each step sees all its references).
     """
     n, h, w = video.count, video.h, video.w
-    stride = settings.neighbor_length // 2
-    ref_num = settings.subvideo_length // settings.ref_stride if n > settings.subvideo_length else -1
-    ref_reach = None if ref_num == -1 else settings.ref_stride * (ref_num // 2)
-    for f in range(0, n, stride):
+    reach = transformer_reach(n, settings)
+    for step in transformer_steps(n, settings):
         runtime.check_interrupt()
-        neighbor_ids = list(range(max(0, f - stride), min(n, f + stride + 1)))
-        ref_ids = get_ref_index(f, neighbor_ids, n, settings.ref_stride, ref_num)
-        ids = neighbor_ids + ref_ids
-        local = len(neighbor_ids)
-        pair_ids = ids[: local - 1]
-        video.ensure_propagated(max(ids) + 1)
-        video.ensure_completed(max(pair_ids, default=-1) + 1)
+        video.ensure_propagated(max(step.ids) + 1)
+        video.ensure_completed(max(step.pair_ids, default=-1) + 1)
         runtime.check_interrupt()
         inputs = (
-            video.updated.pick(ids),
-            torch.cat([masks_in_of(i, i + 1) for i in ids]),
-            video.updated_masks.pick(ids),
-            (video.flows_f.pick(pair_ids), video.flows_b.pick(pair_ids)),
+            video.updated.pick(step.ids),
+            torch.cat([masks_in_of(i, i + 1) for i in step.ids]),
+            video.updated_masks.pick(step.ids),
+            (video.flows_f.pick(step.pair_ids), video.flows_b.pick(step.pair_ids)),
         )
-        pred = None
-        for attempt in range(2):
-            out_of_memory = False
-            try:
-                pred = _transformer_step(inputs, local, (h, w), nets, dtype)
-            except Exception as exc:  # noqa: BLE001 - only the host's out-of-memory errors are handled
-                # One step cannot be split without changing its result: free the cache, retry once, then give up.
-                if not runtime.is_oom(exc) or attempt == 1:
-                    raise
-                out_of_memory = True
-            if out_of_memory:
-                runtime.empty_cache()
-                log.warning("%s: out of memory in the transformer at frame %d; retrying once", STAGE, f)
-                continue
-            break
+        composite = transformer_chunk(inputs, step, (h, w), nets, dtype, runtime, work_masks[step.neighbor_ids],
+                                      video.frames_at(step.neighbor_ids))
         del inputs
-        pred = quantise_output(pred, dtype).permute(0, 2, 3, 1)
-        hole = work_masks[neighbor_ids].unsqueeze(-1)
-        composite = torch.where(hole, pred, video.frames_at(neighbor_ids))
-        for k, index in enumerate(neighbor_ids):
+        for k, index in enumerate(step.neighbor_ids):
             writer.add(index, composite[k])
         # The next step starts at frame f, so everything before f is final.
-        writer.flush(f)
+        writer.flush(step.frame)
         progress.step(1)
-        following = f + stride
         # the writer reads the input and work_masks, never these stores
-        video.drop_read(first_frame=0 if ref_reach is None else following - max(stride, ref_reach),
-                        first_pair=following - stride)
+        video.drop_read(first_frame=0 if reach is None else step.next_frame - reach, first_pair=step.frame)
     writer.flush(n, force=True)
+
+
+def transformer_chunk(inputs, step: TransformerStep, size, nets, dtype, runtime, holes, frames_u8) -> torch.Tensor:
+    """One step's transformer on its inputs (propagated frames, image masks, their masks after propagation, the
+    neighbours' flows), quantised and composited over the working-size neighbour frames ``frames_u8`` inside
+    ``holes``: uint8 ``[len(neighbor_ids),h,w,3]``.
+
+    Out of memory: one step cannot be split without changing its result, so the cache is freed and the step
+    retried once, then the error is raised.
+    """
+    pred = None
+    for attempt in range(2):
+        out_of_memory = False
+        try:
+            pred = _transformer_step(inputs, len(step.neighbor_ids), size, nets, dtype)
+        except Exception as exc:  # noqa: BLE001 - only the host's out-of-memory errors are handled
+            if not runtime.is_oom(exc) or attempt == 1:
+                raise
+            out_of_memory = True
+        if out_of_memory:
+            runtime.empty_cache()
+            log.warning("%s: out of memory in the transformer at frame %d; retrying once", STAGE, step.frame)
+            continue
+        break
+    pred = quantise_output(pred, dtype).permute(0, 2, 3, 1)
+    return torch.where(holes.unsqueeze(-1), pred, frames_u8)
 
 
 def quantise_output(pred: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -266,6 +323,24 @@ def _check_inputs(frames: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return masks.expand(count, *masks.shape[1:])
 
 
+def checked_working_size(height: int, width: int, settings: ProPainterSettings):
+    """The prior's working size ``(h, w)``, or an error naming the sizes when RAFT cannot run at it."""
+    h, w = working_size(height, width, settings)
+    if min(h, w) < MIN_WORKING_SIDE:
+        raise InputError(
+            f"{STAGE}: the working size {w}x{h} (from {width}x{height}, resize_ratio {settings.resize_ratio}) is "
+            f"below the {MIN_WORKING_SIDE}-pixel minimum of RAFT; use a video at least {MIN_WORKING_SIDE} pixels a side"
+        )
+    return h, w
+
+
+def progress_units(count: int, settings: ProPainterSettings) -> int:
+    """The prior's progress units: RAFT pairs + completed flows + propagated frames (+ the same for the
+    pre-propagated sample) + transformer steps."""
+    sample = len(pre_propagation_index(count, settings))
+    return 3 * count - 2 + len(range(0, count, settings.neighbor_length // 2)) + (3 * sample - 2 if sample else 0)
+
+
 def run_propainter_prior(
     frames: torch.Tensor,
     masks: torch.Tensor,
@@ -303,12 +378,7 @@ def run_propainter_prior(
             stop = min(start + OUTPUT_FLUSH_FRAMES, count)
             sink(start, stop, frames[start:stop])
         return PriorResult(frames=None, masks=None)
-    h, w = working_size(height, width, settings)
-    if min(h, w) < MIN_WORKING_SIDE:
-        raise InputError(
-            f"{STAGE}: the working size {w}x{h} (from {width}x{height}, resize_ratio {settings.resize_ratio}) is "
-            f"below the {MIN_WORKING_SIDE}-pixel minimum of RAFT; use a video at least {MIN_WORKING_SIDE} pixels a side"
-        )
+    h, w = checked_working_size(height, width, settings)
     if count == 1:
         # Flow needs a pair: run the frame twice (zero motion) and keep the first result.
         pair_frames, pair_masks = frames.expand(2, height, width, 3), native.expand(2, *native.shape[1:])
@@ -340,11 +410,7 @@ def run_propainter_prior(
         return writer.finish()
 
     # progress units: RAFT pairs + completed flows + propagated frames (+ the same for pre-propagation) + steps
-    chunk = settings.propagation_chunk
-    total = 3 * count - 2 + len(range(0, count, settings.neighbor_length // 2))
-    if settings.pre_propagation and count > chunk:
-        total += 3 * len(range(0, count, count // (chunk // 2))) - 2
-    progress = _Progress(runtime, total)
+    progress = _Progress(runtime, progress_units(count, settings))
     log.info("%s: %d frames at %dx%d (input %dx%d), %s", STAGE, count, w, h, width, height, dtype)
 
     try:

@@ -1,24 +1,21 @@
 """The Ray workers of ``distributed.py``: one actor per GPU (or per few CPUs) that loads every network once and
-runs the single-process stage functions on the pieces the driver hands it. Imports nothing of Ray at module level
-(the worker process has it; ``_RemoteEncodeSink`` imports it when it collects results)."""
+runs the single-process stage functions on the pieces the driver hands it. Imports nothing of Ray (the driver
+passes object references as arguments, which Ray resolves before a method runs)."""
 
 from __future__ import annotations
 
 import logging
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 
 from .errors import InputError
-from .pipeline import _PriorLatentSink
 
 log = logging.getLogger(__name__)
 
 NODE = "DiffuEraser (Ray)"
-#: prior chunks (FRAME_CHUNK frames each) in flight to the encoding workers per encoding worker
-ENCODES_IN_FLIGHT_PER_WORKER = 4
 #: stage names a test may ask a worker to crash in once (``PipelineWorker.inject_failure``)
 STAGES = ("prior", "encode", "conditioning", "pre-inference", "inversion", "sampling", "decode")
 
@@ -79,20 +76,39 @@ class PipelineWorker:
     def describe(self) -> str:
         return f"{os.uname().nodename} pid {os.getpid()} {self.runtime.device} {self.runtime.dtype}"
 
-    def prior_latent(self, frames, masks, settings, size, encoders=()):
-        """The prior's latent; its FRAME_CHUNK ranges are VAE-encoded by ``encoders`` (other workers) while the
-        prior goes on, or here when there are none."""
-        from .prior_propainter import run_propainter_prior
+    # -- the prior's chunks (``prior_distributed``): the single-process chunk functions on the driver's pieces
+    def _prior_dtype(self, settings):
+        return settings.compute_dtype or self.runtime.dtype
+
+    def prior_raft(self, frames, size, settings):
+        from .prior_distributed import raft_task
 
         self._maybe_fail("prior")
-        frames, masks = _read_only_tensor(frames), _read_only_tensor(masks)
-        num = int(frames.shape[0])
-        if encoders:
-            sink = _RemoteEncodeSink(num, size, self.codec, self.runtime, list(encoders))
-        else:
-            sink = _PriorLatentSink(num, size, self.codec, self.runtime)
-        run_propainter_prior(frames, masks, self.nets, settings, self.runtime, sink=sink)
-        return sink.result()
+        return raft_task(self.nets, frames, size, settings)
+
+    def prior_sample(self, frames, masks, size, settings):
+        from .prior_distributed import sample_task
+
+        self._maybe_fail("prior")
+        return sample_task(self.nets, frames, masks, size, settings, self._prior_dtype(settings), self.runtime)
+
+    def prior_complete(self, meta, *parts):
+        from .prior_distributed import complete_task
+
+        self._maybe_fail("prior")
+        return complete_task(self.nets, meta, parts, self._prior_dtype(meta["settings"]))
+
+    def prior_propagate(self, meta, *parts):
+        from .prior_distributed import propagate_task
+
+        self._maybe_fail("prior")
+        return propagate_task(self.nets, meta, parts, self._prior_dtype(meta["settings"]))
+
+    def prior_transformer(self, meta, *parts):
+        from .prior_distributed import transformer_task
+
+        self._maybe_fail("prior")
+        return transformer_task(self.nets, meta, parts, self._prior_dtype(meta["settings"]), self.runtime)
 
     def encode_frames(self, frames, size):
         """One prior range of the sink: resized to the working size and encoded, as ``_PriorLatentSink``."""
@@ -155,33 +171,3 @@ def _read_only_tensor(array) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "The given NumPy array is not writable"
         return torch.from_numpy(array)
-
-
-class _RemoteEncodeSink(_PriorLatentSink):
-    """``_PriorLatentSink`` whose FRAME_CHUNK ranges (the same ranges, so the same VAE batches) are encoded by
-    other workers, round robin, with a bounded number in flight; ``result`` collects them in order."""
-
-    def __init__(self, num, size, codec, runtime, encoders):
-        super().__init__(num, size, codec, runtime)
-        self.encoders = encoders
-        self.pending: List[Optional[tuple]] = []
-        self.collected = 0
-
-    def _encode(self, start, stop, frames):
-        worker = self.encoders[len(self.pending) % len(self.encoders)]
-        self.pending.append((start, stop, worker.encode_frames.remote(frames.clone(), self.size)))
-        while len(self.pending) - self.collected > ENCODES_IN_FLIGHT_PER_WORKER * len(self.encoders):
-            self._collect_one()
-
-    def _collect_one(self):
-        import ray
-
-        start, stop, ref = self.pending[self.collected]
-        self.latent[start:stop] = ray.get(ref)
-        self.pending[self.collected] = None
-        self.collected += 1
-
-    def result(self):
-        while self.collected < len(self.pending):
-            self._collect_one()
-        return super().result()
