@@ -24,6 +24,13 @@ computation of every piece is the single-process computation:
   the driver merges the results with ``WindowAccumulator`` in list order (``windows_for_step``), the same merge
   and order as ``denoise_windows``, then starts the next step (a barrier per step; latents are ~130 KB a frame
   at 960x536).
+* **step noise** (the LCM sampler: ``--scheduler lcm``, or auto with the LCM-like PCM LoRA): LCM re-noises every
+  window at every step but the last with fresh noise from the run's one generator (``schedule.StepNoise``,
+  continued from the window noise), window by window in order. That generator stays on the driver
+  (``pipeline.sampler_plan``, as ``sample_video``): it draws the pre-inference window's noise, then each step's
+  windows' noise in list order, before the tasks go out, and each task carries its own tensor
+  (``SamplerStep.replay``: a step that hands out exactly that noise, ``PresetNoise``). A worker never draws noise;
+  one that is sent a drawing step, or uses more or less noise than it was sent, fails. TCD draws nothing.
 * **decode + blend**: ``decode_and_blend`` on ranges of ``FRAME_CHUNK`` frames; results are taken in frame order
   as they complete and handed to ``on_frames``.
 
@@ -213,11 +220,17 @@ class RayRemover:
             progress("conditioning", b, num)
         return Conditioning(masked, known)
 
-    def denoise(self, latents, timestep_pairs, conditioning, window, progress, stage="sampling"):
-        """``denoise_windows`` (default step numbers, no negative embedding) with each window a task."""
+    def denoise(self, latents, timestep_pairs, conditioning, window, progress, stage="sampling", step=None):
+        """``denoise_windows`` (default step numbers, no negative embedding) with each window a task.
+
+        ``step``: the update (default TCD). An LCM step holds the run's noise generator here: each window's noise
+        is drawn here, window after window in list order as ``denoise_windows`` draws it, and goes with the
+        window's task (``SamplerStep.replay``)."""
+        from .schedule import LATENT_CHANNELS, SamplerStep
         from .windows import WindowAccumulator, windows_for_step
 
-        num = int(latents.shape[0])
+        step = step or SamplerStep()
+        num, latent_hw = int(latents.shape[0]), tuple(latents.shape[2:])
         latents = latents.to(torch.float32)
         schedule = [windows_for_step(n, num, window.window_length, window.window_overlap)
                     for n in range(len(timestep_pairs))]
@@ -231,13 +244,16 @@ class RayRemover:
                                      self.ray.put(conditioning.known[a:b].clone()))
             return cond_refs[(a, b)]
 
-        for step, ((t, s), windows) in enumerate(zip(timestep_pairs, schedule)):
+        for number, ((t, s), windows) in enumerate(zip(timestep_pairs, schedule)):
             pool = self._pool()
             step_latents = latents
+            # drawn before any task goes out, in list order: the single-process order whatever the pool does
+            window_steps = [step.replay([((b - a, LATENT_CHANNELS, *latent_hw), s)]) for a, b in windows]
             results = pool.map(
-                lambda w, ab: w.window_step.remote(step_latents[ab[0]:ab[1]].clone(), *cond_of(*ab), t, s, step,
-                                                   window, stage),
-                windows,
+                lambda w, k: w.window_step.remote(step_latents[windows[k][0]:windows[k][1]].clone(),
+                                                  *cond_of(*windows[k]), t, s, number, window, stage,
+                                                  window_steps[k]),
+                range(len(windows)),
             )
             acc = WindowAccumulator(num, overwrite_last_overlap=window.overwrite_last_overlap, dtype=torch.float32)
             for (a, b), moved in zip(windows, results):  # list order: the single-process merge
@@ -280,12 +296,13 @@ class RayRemover:
             prepare_sampling_inputs,
             unchanged_result,
         )
+        from .pipeline import sampler_plan
         from .pre_inference import should_pre_infer
         from .prior_distributed import run_prior_on_cluster
-        from .prior_injection import VAE_SCALING, inject_forward_noise, tcd_timesteps
-        from .temporal_sampling import pairs_down
+        from .prior_injection import VAE_SCALING, inject_forward_noise
+        from .schedule import LATENT_CHANNELS, scheduler_for_lora
         from .video import DEFAULT_MAX_SIDE, FRAME_CHUNK, working_size
-        from .windows import window_lists
+        from .windows import window_lists, windows_for_step
 
         ray = self.ray
         max_side = DEFAULT_MAX_SIDE if max_side is None else max_side
@@ -330,20 +347,29 @@ class RayRemover:
         else:
             start = inject_forward_noise(prior_latent, injection_settings)
         del prior_latent
-        # sample_video, with the pre-inference on one worker and each window a task
-        timesteps = tcd_timesteps(steps, start.strength)
+        # sample_video, with the pre-inference on one worker and each window a task; the scheduler as there ("auto":
+        # the one the workers' LoRA needs), its step (an LCM step holds the run's one noise generator) stays here
+        scheduler = sampler_settings.scheduler
+        if scheduler == "auto":
+            scheduler = scheduler_for_lora(self.spec.lora_path)
+        timesteps, pairs, step = sampler_plan(scheduler, steps, start, NODE)
         start_latent = start.latent
         if should_pre_infer(start.num_frames, window.window_length, start, sampler_settings.pre_inference):
+            # the keyframe window's noise comes first from the generator, as in sample_video
+            length = window.window_length
+            key_step = step.replay([((b - a, LATENT_CHANNELS, *start.latent_hw), s)
+                                    for n, (_, s) in enumerate(pairs)
+                                    for a, b in windows_for_step(n, length, length, window.window_overlap)])
             idx, key_start, key_masked, key_known = ray.get(
-                first.pre_infer.remote(start, conditioning, timesteps, window)
+                first.pre_infer.remote(start, conditioning, timesteps, window, key_step, pairs)
             )
             start_latent = start.latent.clone()
             start_latent[idx] = key_start
             conditioning.masked_latents[idx] = key_masked  # the driver's own copy: written in place
             conditioning.known[idx] = key_known
             job("pre-inference", window.window_length, window.window_length)
-        latents = self.denoise(start_latent.to(torch.float32) * VAE_SCALING, pairs_down(timesteps), conditioning,
-                               window, job)
+        latents = self.denoise(start_latent.to(torch.float32) * VAE_SCALING, pairs, conditioning, window, job,
+                               step=step)
         latents /= VAE_SCALING
         del start, start_latent, conditioning
         # decode + blend in FRAME_CHUNK ranges, taken in frame order as they complete

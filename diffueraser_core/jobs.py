@@ -134,19 +134,10 @@ class RayEngine:
     @classmethod
     def start(cls, args, found: dict, models_dir: str, printer) -> "RayEngine":
         from .distributed import RayRemover, WorkerSpec, init_cluster
-
-        from .errors import InputError
         from .model_loading import resolve_lora
-        from .schedule import scheduler_for_lora
 
+        # the scheduler (--scheduler; auto: the one this LoRA needs) comes with each shot's sampler settings
         lora = None if args.prior_only else resolve_lora(found, models_dir, args.lora)
-        scheduler = args.scheduler if args.scheduler != "auto" else scheduler_for_lora(lora)
-        if not args.prior_only and scheduler == "lcm":
-            # the workers step every window with TCD; LCM's per-window step noise is not distributed yet
-            raise InputError(
-                f"{PROG} --ray: the LCM sampler (--scheduler {args.scheduler}, LoRA {lora!r}) does not run on "
-                "Ray yet; run it without --ray, or use a TCD PCM LoRA (pcm_sd15_smallcfg_*)"
-            )
         address = None if args.ray in ("", "local") else args.ray
         init_cluster(address)
         spec = WorkerSpec(

@@ -284,6 +284,21 @@ def prepare_sampling_inputs(frames, masks, where: str = "DiffuEraser Sampler"):
     return broadcast_masks(masks, frames.shape[0], (frames.shape[1], frames.shape[2]), where, resize=False)
 
 
+def sampler_plan(scheduler: str, steps: int, start: StartLatents, where: str = "DiffuEraser Sampler"):
+    """``(timesteps, timestep pairs, SamplerStep)`` of a run with ``scheduler`` ("tcd" or "lcm"), shared by
+    ``sample_video`` and the Ray driver. The LCM step holds the run's step noise generator: as the reference,
+    LCMScheduler() timesteps and step noise from the run's generator, which drew the window noise first."""
+    check_scheduler(scheduler, where)
+    if scheduler == "lcm":
+        timesteps = lcm_timesteps(steps, start.strength)
+        seed = 0 if start.seed is None else int(start.seed)
+        drawn = tuple(start.noise.shape) if start.noise is not None else (
+            start.window_length, LATENT_CHANNELS, *start.latent_hw)
+        return timesteps, lcm_pairs(timesteps), SamplerStep("lcm", StepNoise(seed, drawn))
+    timesteps = tcd_timesteps(steps, start.strength)
+    return timesteps, pairs_down(timesteps), SamplerStep("tcd")
+
+
 def sample_video(
     start: StartLatents,
     frames: torch.Tensor,
@@ -310,20 +325,7 @@ def sample_video(
         conditioning = build_conditioning(frames, masks, latent_hw, codec, settings.mask_dilation,
                                           device=_host_work_device(runtime), runtime=runtime)
     scheduler = settings.scheduler if settings.scheduler != "auto" else getattr(models, "scheduler", "tcd")
-    check_scheduler(scheduler, where)
-    if scheduler == "lcm":
-        # as the reference: LCMScheduler() timesteps, and its step noise from the run's generator, which drew the
-        # window noise first
-        timesteps = lcm_timesteps(settings.steps, start.strength)
-        pairs = lcm_pairs(timesteps)
-        seed = 0 if start.seed is None else int(start.seed)
-        drawn = tuple(start.noise.shape) if start.noise is not None else (
-            start.window_length, LATENT_CHANNELS, *start.latent_hw)
-        step = SamplerStep("lcm", StepNoise(seed, drawn))
-    else:
-        timesteps = tcd_timesteps(settings.steps, start.strength)
-        pairs = pairs_down(timesteps)
-        step = SamplerStep("tcd")
+    timesteps, pairs, step = sampler_plan(scheduler, settings.steps, start, where)
     if timesteps[0] != start.start_timestep:
         log.warning(
             "%s: the latent was prepared for timestep %d but the schedule starts at %d",

@@ -138,22 +138,29 @@ class PipelineWorker:
         return invert_prior(prior_latent, conditioning, self.text, self.models, injection, self.runtime,
                             window_overlap=window_overlap, brushnet_scale=brushnet_scale)
 
-    def pre_infer(self, start, conditioning, timesteps, window):
+    def pre_infer(self, start, conditioning, timesteps, window, step=None, pairs=None):
+        """``run_pre_inference``; ``step``/``pairs`` as there (default TCD), an LCM step with the driver's noise."""
         from .pre_inference import run_pre_inference
 
         self._maybe_fail("pre-inference")
+        _check_replay(step)
         pre = run_pre_inference(start, conditioning, timesteps, self.text, None, self.models, self.codec, window,
-                                self.runtime)
+                                self.runtime, step=step, pairs=pairs)
+        _check_replayed(step)
         idx = pre.keyframes
         return idx, pre.start_latent[idx], pre.conditioning.masked_latents[idx], pre.conditioning.known[idx]
 
-    def window_step(self, x, masked_latents, known, t, s, step_number, window, stage):
-        """One window through one step: ``denoise_windows`` on the window's own frames is exactly one window."""
+    def window_step(self, x, masked_latents, known, t, s, step_number, window, stage, step=None):
+        """One window through one step: ``denoise_windows`` on the window's own frames is exactly one window.
+        ``step``: the update (default TCD); an LCM step carries the noise the driver drew for this window."""
         from .temporal_sampling import Conditioning, denoise_windows
 
         self._maybe_fail("sampling")
-        return denoise_windows(x, [(t, s)], Conditioning(masked_latents, known), self.text, None, self.models,
-                               window, self.runtime, stage=stage, step_numbers=[step_number])
+        _check_replay(step)
+        moved = denoise_windows(x, [(t, s)], Conditioning(masked_latents, known), self.text, None, self.models,
+                                window, self.runtime, stage=stage, step_numbers=[step_number], step=step)
+        _check_replayed(step)
+        return moved
 
     def decode_blend(self, latents, frames, masks, mask_dilation, feather):
         from .pipeline import decode_and_blend
@@ -161,6 +168,20 @@ class PipelineWorker:
         self._maybe_fail("decode")
         return decode_and_blend(latents, frames, masks, self.codec, self.runtime, mask_dilation=mask_dilation,
                                 feather=feather)
+
+
+def _check_replay(step) -> None:
+    """A worker never draws step noise of its own: an LCM step must replay the noise the driver drew
+    (``SamplerStep.replay``), which holds the run's one generator and draws in the single-process order."""
+    from .schedule import PresetNoise
+
+    if step is not None and step.scheduler != "tcd" and not isinstance(step.noise, PresetNoise):
+        raise RuntimeError(f"{NODE}: internal error, a worker was sent a sampler step that draws its own noise")
+
+
+def _check_replayed(step) -> None:
+    if step is not None and step.scheduler != "tcd":
+        step.noise.check_used()
 
 
 def _read_only_tensor(array) -> torch.Tensor:

@@ -11,7 +11,7 @@ TCD with eta = 0 (the reference pipeline's default, so TCD's gamma is 0) is the 
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -185,16 +185,56 @@ class StepNoise:
         return torch.randn(tuple(shape), generator=self.generator, dtype=torch.float32)
 
 
+class PresetNoise:
+    """Step noise drawn elsewhere, handed out again in the order it was drawn: what a Ray worker steps its window
+    with (the driver owns the run's ``StepNoise`` and draws every window's noise in the single-process order; a
+    worker never draws its own). Asking for more noise than was preset, or another shape, is an error."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]):
+        self.tensors = list(tensors)
+        self.used = 0
+
+    def draw(self, shape) -> torch.Tensor:
+        if self.used >= len(self.tensors):
+            raise RuntimeError(f"PresetNoise: internal error, asked for noise #{self.used + 1} of {len(self.tensors)}")
+        fresh = self.tensors[self.used]
+        if tuple(fresh.shape) != tuple(shape):
+            raise RuntimeError(f"PresetNoise: internal error, noise #{self.used + 1} is {tuple(fresh.shape)}, "
+                               f"asked for {tuple(shape)}")
+        self.used += 1
+        return fresh
+
+    def check_used(self) -> None:
+        """Every preset tensor was drawn (a step that drew fewer than the driver did is out of order)."""
+        if self.used != len(self.tensors):
+            raise RuntimeError(f"PresetNoise: internal error, {self.used} of {len(self.tensors)} noise tensors used")
+
+
 class SamplerStep:
     """How a window moves from ``t`` to ``s``: ``"tcd"`` (deterministic, the DDIM update; also the inversion) or
-    ``"lcm"`` (``lcm_update`` with fresh noise from ``noise``). ``x``/``eps`` ``[F,4,h,w]`` or, for a batch of
-    windows, ``[K,F,4,h,w]`` (noise drawn window by window, in order)."""
+    ``"lcm"`` (``lcm_update`` with fresh noise from ``noise``: a ``StepNoise`` or a ``PresetNoise``). ``x``/``eps``
+    ``[F,4,h,w]`` or, for a batch of windows, ``[K,F,4,h,w]`` (noise drawn window by window, in order)."""
 
-    def __init__(self, scheduler: str = "tcd", noise: Optional[StepNoise] = None):
+    def __init__(self, scheduler: str = "tcd", noise=None):
         self.scheduler = check_scheduler(scheduler)
         if scheduler == "lcm" and noise is None:
             raise ValueError("SamplerStep: the LCM scheduler needs a StepNoise")
         self.noise = noise
+
+    def fresh_noise(self, shape, next_timestep: int) -> Optional[torch.Tensor]:
+        """The noise this step draws for one window of ``shape`` moving to ``next_timestep`` (None: draws none)."""
+        if self.scheduler == "tcd" or next_timestep == LCM_FINAL:
+            return None
+        return self.noise.draw(shape)
+
+    def replay(self, moves: Sequence[Tuple[Tuple[int, ...], int]]) -> "SamplerStep":
+        """This step for another process: the noise of ``moves`` (window shape, next timestep), one window after
+        another in the order this step would step them, drawn here now, in a step that hands out exactly that
+        noise. TCD draws nothing: itself."""
+        if self.scheduler == "tcd":
+            return self
+        drawn = [self.fresh_noise(shape, s) for shape, s in moves]
+        return SamplerStep("lcm", PresetNoise([n for n in drawn if n is not None]))
 
     def __call__(self, x: torch.Tensor, eps: torch.Tensor, timestep: int, next_timestep: int) -> torch.Tensor:
         if self.scheduler == "tcd":
@@ -202,7 +242,7 @@ class SamplerStep:
         fresh = None
         if next_timestep != LCM_FINAL:
             if x.dim() == 5:
-                fresh = torch.stack([self.noise.draw(x.shape[1:]) for _ in range(x.shape[0])])
+                fresh = torch.stack([self.fresh_noise(x.shape[1:], next_timestep) for _ in range(x.shape[0])])
             else:
-                fresh = self.noise.draw(x.shape)
+                fresh = self.fresh_noise(x.shape, next_timestep)
         return lcm_update(x, eps, timestep, next_timestep, fresh)

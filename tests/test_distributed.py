@@ -15,7 +15,7 @@ import torch
 
 import ray  # noqa: F401  (requirements-dev.txt: these tests run in CI)
 
-from diffueraser_core import cli, distributed, jobs
+from diffueraser_core import cli, distributed, jobs, schedule
 from diffueraser_core.model_files import find_model_files
 from diffueraser_core.random_weights import make_models_folder
 from diffueraser_core.media_in import read_video
@@ -87,6 +87,47 @@ def test_two_workers_give_the_single_process_result_bit_for_bit(clip, models_dir
     out = read_video(str(clip / "ray")).frames
     assert out.shape == single_process.shape
     assert torch.equal(out, single_process)
+
+
+# the LCM sampler over 3 steps: step noise in list A and list B windows and in 2 pre-inference steps
+LCM = ["--scheduler", "lcm", "--steps", "3"]
+
+
+def test_the_lcm_sampler_gives_the_single_process_result_bit_for_bit(
+    clip, models_dir, engine, single_process, monkeypatch
+):
+    code, log = run_cli([clip / "video", clip / "mask", clip / "lcm-single", "--models", models_dir, *OPTS, *LCM])
+    assert code == 0, log
+    assert "pre-inference" in log
+    expected = read_video(str(clip / "lcm-single")).frames
+    assert not torch.equal(expected, single_process)  # LCM is another sampler than the default TCD
+    code, log = run_cli([clip / "video", clip / "mask", clip / "lcm-ray", "--models", models_dir, *OPTS, *LCM,
+                         "--ray"], engine=engine)
+    assert code == 0, log
+    assert "pre-inference: 22/22" in log and "sampling: 9/9" in log
+    assert torch.equal(read_video(str(clip / "lcm-ray")).frames, expected)
+
+    # the test sees the noise order: a driver whose pre-inference noise does not come from the run's generator
+    # (so the main pass draws what pre-inference should have) gives another result
+    replay = schedule.SamplerStep.replay
+
+    def pre_inference_off_the_stream(self, moves):
+        if len(moves) > 1:  # the keyframe window's steps (a main-pass task carries one window of one step)
+            return replay(schedule.SamplerStep("lcm", schedule.StepNoise(12345)), moves)
+        return replay(self, moves)
+
+    monkeypatch.setattr(schedule.SamplerStep, "replay", pre_inference_off_the_stream)
+    code, log = run_cli([clip / "video", clip / "mask", clip / "lcm-wrong", "--models", models_dir, *OPTS, *LCM,
+                         "--ray"], engine=engine)
+    assert code == 0, log
+    assert not torch.equal(read_video(str(clip / "lcm-wrong")).frames, expected)
+
+
+def test_workers_never_draw_step_noise_of_their_own(engine):
+    worker = engine.remover.workers[0]
+    drawing = schedule.SamplerStep("lcm", schedule.StepNoise(0))
+    with pytest.raises(Exception, match="a sampler step that draws its own noise"):
+        engine.remover.ray.get(worker.pre_infer.remote(None, None, [999], None, drawing))
 
 
 def test_workers_lost_inside_a_window_and_a_prior_chunk_do_not_change_the_result(

@@ -131,6 +131,27 @@ def test_step_noise_continues_the_window_noise_generator():
     assert torch.equal(StepNoise(11, (4, 4, *HW)).draw((4, 4, *HW)), follow)
 
 
+def test_a_replayed_step_hands_out_exactly_the_noise_drawn_for_it():
+    # the Ray driver draws each window's noise and a worker replays it (distributed.py)
+    moves = [((5, 4, *HW), 759), ((3, 4, *HW), 759), ((5, 4, *HW), LCM_FINAL)]
+    driver = SamplerStep("lcm", StepNoise(5, (8, 4, *HW)))
+    replayed = driver.replay(moves)
+    direct = StepNoise(5, (8, 4, *HW))
+    for shape, s in moves[:2]:
+        assert torch.equal(replayed.fresh_noise(shape, s), direct.draw(shape))
+    assert replayed.fresh_noise(moves[2][0], LCM_FINAL) is None  # the last LCM step draws none
+    replayed.noise.check_used()
+    assert torch.equal(driver.noise.draw((2,)), direct.draw((2,)))  # the driver's generator moved past them
+    with pytest.raises(RuntimeError, match="asked for noise #3 of 2"):
+        replayed.fresh_noise((5, 4, *HW), 759)
+    with pytest.raises(RuntimeError, match=r"is \(5, 4, 3, 5\), asked for \(3, 4, 3, 5\)"):
+        driver.replay(moves[:1]).fresh_noise((3, 4, *HW), 759)
+    with pytest.raises(RuntimeError, match="0 of 1 noise tensors used"):
+        driver.replay(moves[:1]).noise.check_used()
+    tcd = SamplerStep("tcd")
+    assert tcd.replay(moves) is tcd
+
+
 @pytest.fixture(scope="module")
 def nets():
     old = torch.get_num_threads()
