@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Optional
 
 import torch
@@ -16,7 +16,7 @@ from .errors import InputError
 log = logging.getLogger(__name__)
 
 NODE = "DiffuEraser (Ray)"
-#: stage names a test may ask a worker to crash in once (``PipelineWorker.inject_failure``)
+#: stage names a fault drill may ask a worker to crash in (``WorkerSpec.fault_markers``)
 STAGES = ("prior", "encode", "conditioning", "pre-inference", "inversion", "sampling", "decode")
 
 
@@ -32,6 +32,15 @@ class WorkerSpec:
     device: Optional[str] = None
     #: torch intra-op threads per worker (CPU workers; None: torch's default)
     threads: Optional[int] = None
+    #: fault drills (tests): stage -> marker file. The first worker to start a task of that stage while the file
+    #: exists deletes it and kills its own process, as a lost machine would; Ray restarts the worker and re-runs
+    #: the task. Restarted workers are armed again, but the deleted file keeps it to one failure per stage.
+    fault_markers: Dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        unknown = sorted(set(self.fault_markers) - set(STAGES))
+        if unknown:
+            raise InputError(f"{NODE}: fault_markers stages must be among {STAGES}, got {unknown}")
 
 
 class PipelineWorker:
@@ -44,7 +53,8 @@ class PipelineWorker:
         if spec.threads:
             torch.set_num_threads(int(spec.threads))
         self.spec = spec
-        self.fail_once: Dict[str, str] = {}
+        self.fail_once: Dict[str, str] = dict(spec.fault_markers)
+        self.started: Dict[str, int] = {}
         device = torch.device(spec.device) if spec.device else default_device()
         self.runtime = StandaloneRuntime(device=device)
         self.nets = load_propainter(spec.model_paths, self.runtime)
@@ -54,15 +64,12 @@ class PipelineWorker:
                 spec.model_paths, spec.lora_path, spec.lora_strength, self.runtime
             )
 
-    def inject_failure(self, stage: str, marker: str) -> None:
-        """Fault injection (tests, drills): the first worker to start a ``stage`` task while the file ``marker``
-        exists deletes it and kills its own process, as a lost machine would. Ray restarts the worker (its
-        constructor does not re-arm this) and re-runs the task."""
-        if stage not in STAGES:
-            raise InputError(f"{NODE}: inject_failure stage must be one of {STAGES}, got {stage!r}")
-        self.fail_once[stage] = marker
+    def tasks_run(self) -> Dict[str, int]:
+        """How many tasks of each stage this worker process started (a restarted worker starts from zero)."""
+        return dict(self.started)
 
     def _maybe_fail(self, stage: str) -> None:
+        self.started[stage] = self.started.get(stage, 0) + 1
         marker = self.fail_once.get(stage)
         if marker is None:
             return

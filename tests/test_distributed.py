@@ -6,6 +6,7 @@ Outputs are PNG folders (lossless), compared bit for bit with the single-process
 thread, as the workers).
 """
 
+import functools
 import io
 import re
 import os
@@ -25,7 +26,11 @@ from test_batch import make_shots
 from test_pipeline_cli import FAST, FULL_SIZE_PRIOR, box_masks, make_clip, write_masks
 
 NUM, H, W = 46, 64, 96
-OPTS = ["--mask-dilation", "2", "--device", "cpu", "--seed", "3", *FAST, *FULL_SIZE_PRIOR]
+# ProPainter chunks short enough that the prior splits on the cluster: 5 RAFT chunks (11 pairs each at this size),
+# 3 flow-completion and 3 propagation chunks of 16, pre-propagation of every 5th frame, 16 transformer steps
+# with reference frames
+PRIOR_CHUNKS = ["--subvideo-length", "16", "--neighbor-length", "6", "--ref-stride", "4"]
+OPTS = ["--mask-dilation", "2", "--device", "cpu", "--seed", "3", *FAST, *FULL_SIZE_PRIOR, *PRIOR_CHUNKS]
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +41,23 @@ def models_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def engine(models_dir):
+def fault_markers(tmp_path_factory):
+    """The workers' fault drills: a worker dies in the first task of a stage while that stage's file exists."""
+    folder = tmp_path_factory.mktemp("faults")
+    return {stage: folder / f"fail-{stage}" for stage in ("prior", "encode", "sampling")}
+
+
+@pytest.fixture(scope="module")
+def engine(models_dir, fault_markers):
     distributed.init_cluster(num_cpus=2)
     import ray as ray_module
 
     args = cli.build_parser().parse_args(["v", "m", "o", "--models", models_dir, *OPTS, "--ray"])
     printer = cli._ProgressPrinter(io.StringIO(), True)
-    engine = jobs.RayEngine.start(args, find_model_files(models_dir), models_dir, printer)
+    armed = functools.partial(distributed.WorkerSpec, fault_markers={k: str(v) for k, v in fault_markers.items()})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(distributed, "WorkerSpec", armed)  # RayEngine.start builds the spec from the CLI options
+        engine = jobs.RayEngine.start(args, find_model_files(models_dir), models_dir, printer)
     assert len(engine.remover.workers) == 2
     yield engine
     engine.close()
@@ -77,10 +92,20 @@ def run_cli(argv, engine=None):
 def test_two_workers_give_the_single_process_result_bit_for_bit(clip, models_dir, engine, single_process):
     list_a, list_b = window_lists(NUM)
     assert len(list_a) == 3 and len(list_b) == 3  # several windows per step
+    remover = engine.remover
+    before = remover.ray.get([w.tasks_run.remote() for w in remover.workers])
     code, log = run_cli([clip / "video", clip / "mask", clip / "ray", "--models", models_dir, *OPTS, "--ray"],
                         engine=engine)
     assert code == 0, log
     assert "pre-inference: 22/22" in log and "sampling: 6/6" in log and "decode: 46/46" in log
+    # the prior's units (RAFT pairs, completed flows, propagated frames, the sample's, transformer steps) all
+    # counted, and its chunks ran on both workers
+    units = 3 * NUM - 2 + 3 * len(range(0, NUM, NUM // 8)) - 2 + len(range(0, NUM, 3))
+    assert f"prior: {units}/{units}" in log
+    after = remover.ray.get([w.tasks_run.remote() for w in remover.workers])
+    prior_tasks = [a.get("prior", 0) - b.get("prior", 0) for a, b in zip(after, before)]
+    assert all(n >= 5 for n in prior_tasks), prior_tasks
+    assert sum(prior_tasks) == 5 + 1 + 3 + 3 + 16, prior_tasks  # RAFT, sample, completion, propagation, steps
     # the whole job's progress: whole percents that only rise, ending complete
     job = [int(m) for m in re.findall(r"\] job (\d+)% \d+s, ETA \d+s", log)]
     assert len(job) > 10 and job == sorted(job) and job[-1] == 100, job
@@ -131,20 +156,19 @@ def test_workers_never_draw_step_noise_of_their_own(engine):
 
 
 def test_workers_lost_inside_a_window_and_a_prior_chunk_do_not_change_the_result(
-    clip, models_dir, engine, single_process, tmp_path
+    clip, models_dir, engine, single_process, fault_markers
 ):
     remover = engine.remover
     before = remover.ray.get([w.describe.remote() for w in remover.workers])
-    # a worker dies inside a sampling window, and one inside the VAE encode of a prior chunk (a task the prior
-    # worker hands to another worker)
-    markers = {stage: tmp_path / f"fail-{stage}" for stage in ("sampling", "encode")}
-    for stage, marker in markers.items():
+    # a worker dies inside a chunk of the prior, one inside the VAE encode of finished prior frames, and one
+    # inside a sampling window
+    markers = fault_markers
+    for marker in markers.values():
         marker.write_text("armed")
-        remover.ray.get([w.inject_failure.remote(stage, str(marker)) for w in remover.workers])
     code, log = run_cli([clip / "video", clip / "mask", clip / "fault", "--models", models_dir, *OPTS, "--ray"],
                         engine=engine)
     assert code == 0, log
-    assert not any(marker.exists() for marker in markers.values())  # both failures did happen
+    assert not any(marker.exists() for marker in markers.values())  # every failure did happen
     after = remover.ray.get([w.describe.remote() for w in remover.workers])
     assert any(a != b for a, b in zip(before, after))  # worker processes were replaced by Ray
     assert torch.equal(read_video(str(clip / "fault")).frames, single_process)
@@ -168,3 +192,29 @@ def test_more_workers_than_the_cluster_holds_is_a_clear_error(engine):
     spec = distributed.WorkerSpec(dict(engine.remover.spec.model_paths), device="cpu")
     with pytest.raises(ValueError, match=r"5 workers x \(1 CPU, 0 GPU\) do not fit the cluster's 2 CPUs"):
         distributed.RayRemover(spec, num_workers=5, gpus_per_worker=0.0)
+
+
+@pytest.mark.parametrize("count, subvideo_length", [(1, 16), (2, 16), (13, 4)])
+def test_the_prior_on_the_cluster_hands_the_sink_the_single_process_ranges(engine, models_dir, count,
+                                                                           subvideo_length):
+    """``run_prior_on_cluster`` against ``run_propainter_prior`` directly: a single frame and a single pair (one
+    worker's whole run), and 13 frames in chunks of 4 (pre-propagation, several chunks of every stage): the same
+    frames, handed to the sink in the same ranges."""
+    from diffueraser_core.model_loading import load_propainter
+    from diffueraser_core.prior_distributed import run_prior_on_cluster
+    from diffueraser_core.prior_propainter import ProPainterSettings, run_propainter_prior
+    from diffueraser_core.runtime import StandaloneRuntime
+
+    runtime = StandaloneRuntime(device=torch.device("cpu"))
+    nets = load_propainter(find_model_files(models_dir), runtime)
+    frames = make_clip(count, 64, 80, seed=count)
+    masks = box_masks(count, 64, 80, top=20, left=30, size=14)
+    settings = ProPainterSettings(resize_ratio=1.0, raft_iter=1, subvideo_length=subvideo_length, neighbor_length=2,
+                                  ref_stride=2, mask_dilation=2)
+    single, cluster = [], []
+    run_propainter_prior(frames, masks, nets, settings, runtime, sink=lambda a, b, f: single.append((a, b, f.clone())))
+    remover = engine.remover
+    run_prior_on_cluster(remover.ray, remover.workers, frames, masks, settings,
+                         sink=lambda a, b, f: cluster.append((a, b, f.clone())))
+    assert [(a, b) for a, b, _ in cluster] == [(a, b) for a, b, _ in single]
+    assert torch.equal(torch.cat([f for *_, f in cluster]), torch.cat([f for *_, f in single]))
