@@ -1,16 +1,18 @@
 """Engines that run one shot, shared by ``remove`` and ``batch``: networks loaded once, many shots.
 
 ``LocalEngine`` runs ``pipeline.remove_objects`` in this process; ``RayEngine`` runs ``distributed.RayRemover``
-on a Ray cluster (imported only when ``--ray`` is given). A shot is read (and checked) before any network runs,
-and written atomically by ``media_out.write_clip`` (temporary name, then rename), so an interrupted run never
-leaves a partial output under the final name.
+on a Ray cluster (imported only when ``--ray`` is given). A shot is read (and checked) before any network runs.
+Its output frames are written in order as they complete: the engine hands each finished chunk to a
+``media_out.open_clip_writer`` while it computes the next, so the result is never held a second time. The writer
+works under a temporary name and renames it when the last frame is in, so an interrupted or failed run never
+leaves a partial output under the final name (nor a temporary file).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -69,7 +71,8 @@ class LocalEngine:
         if not args.prior_only:
             self.models, self.codec, self.text = load_diffusion(found, models_dir, args, self.runtime)
 
-    def remove(self, frames, masks, *, settings, max_side, prior_only, output, original=None):
+    def remove(self, frames, masks, *, settings, max_side, prior_only, output, original=None, on_frames=None):
+        """``pipeline.remove_objects``; ``on_frames(start, stop, chunk)`` gets the finished chunks in order."""
         from .pipeline import remove_objects
 
         sampler, injection, propainter = settings
@@ -91,6 +94,7 @@ class LocalEngine:
                 prior_only=prior_only,
                 output=output,
                 original=original,
+                on_frames=on_frames,
             )
         finally:
             self.runtime.progress_callback = printer
@@ -104,7 +108,9 @@ class LocalEngine:
 
 def local_job_progress(printer, num: int, sampler, prior_only: bool):
     """The whole-job count for one single-process removal: the stages ``remove_objects`` reports, weighted by the
-    frames each pass touches (the VAE encodes twice: the prior's frames, then the conditioning)."""
+    frames each pass touches (the VAE encodes twice: the prior's frames, then the conditioning). Blending and
+    writing the output (``run_shot``) have no weight of their own: they run chunk by chunk between the decode's
+    reports, so the decode's share of the time includes them (a prior-only run writes once the prior is done)."""
     from .pre_inference import MIN_WINDOWS_FOR_PRE_INFERENCE
     from .progress import JobProgress
     from .windows import window_lists
@@ -153,7 +159,8 @@ class RayEngine:
         printer(f"{len(remover.workers)} Ray workers ready in {time.monotonic() - started:.1f} s", 1, 1)
         return cls(remover, printer)
 
-    def remove(self, frames, masks, *, settings, max_side, prior_only, output, original=None):
+    def remove(self, frames, masks, *, settings, max_side, prior_only, output, original=None, on_frames=None):
+        """``distributed.RayRemover.remove``; ``on_frames(start, stop, chunk)`` gets the finished chunks in order."""
         sampler, injection, propainter = settings
         return self.remover.remove(
             frames,
@@ -166,6 +173,7 @@ class RayEngine:
             output=output,
             original=original,
             progress=self.printer,
+            on_frames=on_frames,
         )
 
     def set_printer(self, printer) -> None:
@@ -183,22 +191,35 @@ def make_engine(args, found: dict, models_dir: str, printer):
 
 
 def run_shot(engine, shot: Shot, target, settings, args, printer) -> None:
-    """Remove the masked objects of one shot and write ``target`` (``cli.check_output``) atomically."""
+    """Remove the masked objects of one shot and write ``target`` (``cli.check_output``): each finished chunk is
+    written as the engine hands it over; the file appears under its name only once complete."""
     from .media_in import original_to_uint8
-    from .media_out import write_clip
+    from .media_out import open_clip_writer
 
     clip = shot.clip
-    out = engine.remove(
-        clip.frames,
-        shot.masks,
-        settings=settings,
-        max_side=args.max_side,
-        prior_only=args.prior_only,
-        # The input is not needed afterwards: blending into it keeps a single full-size copy of the video.
-        output=clip.frames,
-        original=clip.original,
-    )
-    if clip.original is not None:
-        out = original_to_uint8(clip.original, out=clip.frames)
-    write_clip(target, out, clip.info, original=clip.original, node=f"{PROG} OUTPUT", progress=printer)
+    num, height, width = int(clip.frames.shape[0]), int(clip.frames.shape[1]), int(clip.frames.shape[2])
+    info = replace(clip.info, height=height, width=width)
+
+    def write(start: int, stop: int, chunk) -> None:
+        if clip.original is None:
+            writer.write(start, chunk)
+        else:
+            # the chunk is the composited original; its 8-bit RGB goes where its input frames were, which no stage
+            # reads once the chunk is blended (no second full-size buffer)
+            writer.write(start, original_to_uint8(chunk, out=clip.frames[start:stop]), chunk)
+
+    with open_clip_writer(target, info, node=f"{PROG} OUTPUT", progress=printer) as writer:
+        out = engine.remove(
+            clip.frames,
+            shot.masks,
+            settings=settings,
+            max_side=args.max_side,
+            prior_only=args.prior_only,
+            # The input is not needed afterwards: blending into it keeps a single full-size copy of the video.
+            output=clip.frames,
+            original=clip.original,
+            on_frames=write,
+        )
+        if writer.written < num:  # an empty mask: the input comes back as it is, without chunks handed over
+            write(writer.written, num, out[writer.written:])
     printer(f"wrote {target.path}", 1, 1)

@@ -1,8 +1,10 @@
 """Media out: checks the output target before anything is read, then writes a clip the way ``ClipInfo`` describes it.
 
 Targets: ``.mp4``/``.m4v``/``.mov``/``.mkv`` video files, a folder of PNG frames (a path without a suffix), or one
-image file for a single frame. Every write goes to a temporary name next to the target and is moved into place only
-when complete; an input is never overwritten.
+image file for a single frame. Frames are written in order as they complete (``open_clip_writer``: a removal hands
+over each finished chunk; ``write_clip`` the whole clip at once, through the same writer, ``media_writer``). Every
+write goes to a temporary name next to the target and is moved into place only when every frame is in; a failure or
+an interrupt removes it, an existing file under the final name stays untouched and an input is never overwritten.
 
 Defaults (``OutputOptions``):
 
@@ -28,20 +30,17 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import tempfile
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
-import numpy as np
 import torch
 
 from .clip import DEFAULT_IMAGE_FPS, AudioStream, ClipInfo, as_fps_fraction
 from .errors import InputError
 from .media_codecs import (  # noqa: F401  (DEFAULT_* re-exported for the CLI)
-    AUDIO_COPY,
     DEFAULT_CODEC,
     DEFAULT_CRF,
     DEFAULT_PIX_FMT,
@@ -52,6 +51,7 @@ from .media_codecs import (  # noqa: F401  (DEFAULT_* re-exported for the CLI)
     choose_codec,
 )
 from .media_in import IMAGE_SUFFIXES, open_input
+from .media_writer import ClipWriter
 
 log = logging.getLogger(__name__)
 
@@ -151,162 +151,19 @@ def choose_encoding(target: OutputTarget, info: ClipInfo, node: str = "DiffuEras
 # writing
 
 
-def _temp_path(target: Path, suffix: str) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".partial{suffix}", dir=target.parent)
-    os.close(fd)
-    return Path(name)
-
-
-def _source_array(i: int, frames: torch.Tensor, original: Optional[torch.Tensor], want_depth: int,
-                  want_alpha: bool):
-    """Frame ``i`` as (numpy array, PyAV rgb format) at the depth/alpha the encoding wants."""
-    if original is not None and (want_alpha or (want_depth > 8 and original.dtype == torch.uint16)):
-        array = original[i].numpy()
-        if not want_alpha and array.shape[2] == 4:
-            array = array[:, :, :3]
-        if array.dtype == np.uint16:
-            return np.ascontiguousarray(array), "rgba64le" if array.shape[2] == 4 else "rgb48le"
-        return np.ascontiguousarray(array), "rgba" if array.shape[2] == 4 else "rgb24"
-    return np.ascontiguousarray(frames[i].numpy()), "rgb24"
-
-
-def _audio_writers(output, info: ClipInfo, suffix: str, node: str):
-    """Adds ``info``'s audio streams to ``output``; returns the functions that write their packets."""
-    import av
-
-    if not info.audio or info.kind != "video":
-        return None, []
-    writers = []
-    for audio in info.audio:
-        source = open_input(info.path, node)
-        in_audio = next(s for s in source.streams.audio if s.index == audio.index)
-        copy = suffix == ".mkv" or audio.codec in AUDIO_COPY.get(suffix, set())
-        if copy:
-            out_audio = output.add_stream_from_template(in_audio)
-        else:
-            log.warning("%s: %s audio cannot be stored in %s as it is; re-encoding it to AAC (use .mov or .mkv to "
-                        "copy it unchanged)", node, audio.codec, suffix)
-            out_audio = output.add_stream("aac", rate=in_audio.codec_context.sample_rate)
-            layout = in_audio.codec_context.layout
-            if layout.name.endswith("channels"):  # AAC rejects 'unspecified order' layouts (e.g. from PCM)
-                layout = av.AudioLayout(f"{in_audio.codec_context.channels}c")
-            out_audio.layout = layout
-        writers.append((source, in_audio, out_audio, copy))
-
-    def write_all():
-        for source, in_audio, out_audio, copy in writers:
-            try:
-                if copy:
-                    for packet in source.demux(in_audio):
-                        if packet.dts is None:
-                            continue
-                        packet.stream = out_audio
-                        output.mux(packet)
-                else:
-                    for frame in source.decode(in_audio):
-                        frame.pts = None
-                        output.mux(out_audio.encode(frame))
-                    output.mux(out_audio.encode(None))
-            finally:
-                source.close()
-
-    return write_all, [w[0] for w in writers]
-
-
-def _write_video_file(tmp: Path, suffix: str, frames, original, info: ClipInfo, enc: Encoding, node: str,
-                      progress=None) -> None:
-    import av
-
-    t = int(frames.shape[0])
-    h, w = int(frames.shape[1]), int(frames.shape[2])
-    container_options = {"movflags": "+faststart"} if suffix in (".mp4", ".m4v", ".mov") else {}
-    colour = info.colour
-    with av.open(str(tmp), mode="w", options=container_options) as output:
-        stream = output.add_stream(enc.codec, rate=info.fps)
-        stream.width, stream.height, stream.pix_fmt = w, h, enc.pix_fmt
-        cc = stream.codec_context
-        cc.time_base = info.time_base
-        stream.time_base = info.time_base
-        if colour.tagged:
-            cc.color_range, cc.colorspace = colour.range, colour.matrix
-            cc.color_primaries, cc.color_trc = colour.primaries, colour.transfer
-        opts = {}
-        if enc.crf is not None:
-            opts["crf"] = str(int(enc.crf))
-        if enc.codec == "libvpx-vp9":
-            opts["b"] = "0"
-        stream.options = opts
-        write_audio, sources = _audio_writers(output, info, suffix, node)
-        try:
-            for i in range(t):
-                array, fmt = _source_array(i, frames, original, enc.depth, enc.alpha)
-                frame = av.VideoFrame.from_ndarray(array, format=fmt)
-                frame = frame.reformat(
-                    format=enc.pix_fmt,
-                    dst_colorspace=colour.matrix if colour.matrix not in (0, 2) else None,
-                    dst_color_range=colour.range or None,
-                )
-                if colour.tagged:
-                    frame.color_primaries, frame.color_trc = colour.primaries, colour.transfer
-                    frame.colorspace, frame.color_range = colour.matrix, colour.range
-                frame.pts = int(info.pts[i])
-                frame.time_base = info.time_base
-                output.mux(stream.encode(frame))
-                if progress is not None:
-                    progress("write", i + 1, t)
-            output.mux(stream.encode(None))
-            if write_audio is not None:
-                write_audio()
-        finally:
-            for source in sources:
-                source.close()
-
-
-def _png_name(info: Optional[ClipInfo], i: int, count: int) -> str:
-    if info is not None and info.name_pattern is not None and len(info.frame_numbers) == count:
-        prefix, width, _ = info.name_pattern
-        return f"{prefix}{info.frame_numbers[i]:0{width}d}.png"
-    return f"{i:0{max(5, len(str(count - 1)))}d}.png"
-
-
-def _encode_png(array: np.ndarray, node: str, name: str) -> np.ndarray:
-    import cv2
-
-    if array.ndim == 3:
-        order = [2, 1, 0, 3][: array.shape[2]]
-        array = np.ascontiguousarray(array[:, :, order])
-    ok, data = cv2.imencode(".png", array)
-    if not ok:
-        raise InputError(f"{node}: PNG encoding failed for {name}")
-    return data
-
-
-def _png_array(i, frames, original, keep_full: bool):
-    if keep_full and original is not None:
-        return original[i].numpy()
-    return frames[i].numpy()
-
-
-def _write_png_folder(target: Path, frames, original, info: Optional[ClipInfo], keep_full: bool, node: str,
-                      progress=None) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
-    try:
-        count = int(frames.shape[0])
-        for i in range(count):
-            name = _png_name(info, i, count)
-            _encode_png(_png_array(i, frames, original, keep_full), node, name).tofile(str(tmp / name))
-            if progress is not None:
-                progress("write", i + 1, count)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-            os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def open_clip_writer(
+    target: Union[OutputTarget, PathLike],
+    info: ClipInfo,
+    node: str = "DiffuEraser",
+    progress=None,
+) -> ClipWriter:
+    """A ``media_writer.ClipWriter`` for ``info``'s frames to ``target`` (from ``check_output_target``, or a path):
+    ``write(start, frames, original)`` consecutive ranges as they complete, then ``close()``; as a context manager
+    an exception aborts it and leaves no output. ``info`` must give the size of the frames written."""
+    if not isinstance(target, OutputTarget):
+        target = check_output_target(target, node=node)
+    enc = choose_encoding(target, info, node) if target.kind == "video" else None
+    return ClipWriter(target, info, enc, node=node, progress=progress)
 
 
 def write_clip(
@@ -318,70 +175,20 @@ def write_clip(
     progress=None,
 ) -> Path:
     """Write uint8 RGB ``frames`` ``[T,H,W,3]`` (and ``original``, the full-depth / alpha frames, when given) as
-    ``info`` describes; returns the path. ``target`` comes from ``check_output_target`` (or is a path)."""
+    ``info`` describes; returns the path. ``target`` comes from ``check_output_target`` (or is a path). The whole
+    clip in one ``open_clip_writer`` range: the same code path as a removal writing chunk by chunk."""
     if not isinstance(target, OutputTarget):
         target = check_output_target(target, node=node)
     if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
         raise InputError(f"{node}: frames to write must be uint8 [T,H,W,3], got {tuple(frames.shape)} {frames.dtype}")
-    frames = frames.cpu()
     if original is not None and tuple(original.shape[:3]) != tuple(frames.shape[:3]):
         raise InputError(f"{node}: internal error, original {tuple(original.shape)} vs frames {tuple(frames.shape)}")
     if len(info.pts) != frames.shape[0]:
         raise InputError(f"{node}: internal error, {len(info.pts)} timestamps for {frames.shape[0]} frames")
     info = replace(info, height=int(frames.shape[1]), width=int(frames.shape[2]))
-    path = target.path
-    if target.kind != "video" and info.audio and info.kind == "video":
-        log.warning("%s: '%s' holds no audio; the source's %d audio stream(s) are not written (use a video file "
-                    "name to keep them)", node, path.name, len(info.audio))
-    try:
-        if target.kind == "folder":
-            keep_full = target.options.pix_fmt not in ("rgb24",)
-            _write_png_folder(path, frames, original, info, keep_full, node, progress)
-            return path
-        if target.kind == "image":
-            if frames.shape[0] != 1:
-                raise InputError(
-                    f"{node}: '{path.name}' is an image name but there are {frames.shape[0]} frames; give a video "
-                    "name (.mp4) or a folder name without a suffix"
-                )
-            import cv2
-
-            array = _png_array(0, frames, original, path.suffix.lower() in (".png", ".tif", ".tiff"))
-            if array.ndim == 3:
-                array = np.ascontiguousarray(array[:, :, [2, 1, 0, 3][: array.shape[2]]])
-            ok, data = cv2.imencode(path.suffix.lower(), array)
-            if not ok:
-                raise InputError(f"{node}: cannot encode '{path.name}'")
-            tmp = _temp_path(path, path.suffix)
-            try:
-                data.tofile(str(tmp))
-                os.replace(tmp, path)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-            return path
-        enc = choose_encoding(target, info, node)
-        suffix = path.suffix.lower()
-        tmp = _temp_path(path, suffix)
-        try:
-            _write_video_file(tmp, suffix, frames, original, info, enc, node, progress)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return path
-    except (OSError, _ffmpeg_error()) as exc:  # permissions, a full disk, an encoder refusing: one line
-        import av
-
-        if isinstance(exc, av.error.FFmpegError):
-            raise InputError(f"{node}: FFmpeg could not write '{path.name}': {exc}") from exc
-        raise InputError(f"{node}: cannot write the output '{path}': {exc.strerror or exc}") from exc
-
-
-def _ffmpeg_error():
-    import av
-
-    return av.error.FFmpegError
+    with open_clip_writer(target, info, node=node, progress=progress) as writer:
+        writer.write(0, frames, original)
+    return target.path
 
 
 def constant_rate_info(count: int, fps, path: Optional[Path] = None, node: str = "DiffuEraser",
@@ -423,5 +230,5 @@ def write_video(
     return write_clip(target, frames, info, node=node)
 
 
-__all__: List[str] = ["OutputOptions", "OutputTarget", "check_output_target", "choose_encoding", "write_clip",
-                      "write_video", "DEFAULT_CODEC", "DEFAULT_CRF", "DEFAULT_PIX_FMT"]
+__all__: List[str] = ["ClipWriter", "OutputOptions", "OutputTarget", "check_output_target", "choose_encoding",
+                      "open_clip_writer", "write_clip", "write_video", "DEFAULT_CODEC", "DEFAULT_CRF", "DEFAULT_PIX_FMT"]

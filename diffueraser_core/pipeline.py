@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -367,13 +367,15 @@ def decode_and_blend(
     feather: int = DEFAULT_FEATHER,
     out: Optional[torch.Tensor] = None,
     original: Optional[torch.Tensor] = None,
+    on_frames: Optional[Callable[[int, int, torch.Tensor], None]] = None,
 ) -> torch.Tensor:
     """Decode raw latents and composite them over the original frames chunk by chunk.
 
     The generated video never exists whole: each decoded chunk is blended at once into ``out`` (which may be
     ``frames`` itself), so the host holds the input, its latents and one chunk. ``original``: the frames to
     composite into when the source has more than 8-bit RGB (uint16 and/or an alpha channel); the result is written
-    into it in place and returned, untouched pixels keeping every bit.
+    into it in place and returned, untouched pixels keeping every bit. ``on_frames(start, stop, chunk)`` gets each
+    finished chunk of the result (a slice of the returned tensor) in frame order, e.g. to write it at once.
     """
     from .blend import blend_video
 
@@ -394,6 +396,8 @@ def decode_and_blend(
             out=out[start:stop], device=blend_device,
         )
         runtime.progress("blend", stop, num)
+        if on_frames is not None:
+            on_frames(start, stop, out[start:stop])
         runtime.check_interrupt()
     return out
 
@@ -460,6 +464,7 @@ def remove_objects(
     prior_only: bool = False,
     output: Optional[torch.Tensor] = None,
     original: Optional[torch.Tensor] = None,
+    on_frames: Optional[Callable[[int, int, torch.Tensor], None]] = None,
 ) -> torch.Tensor:
     """Whole DiffuEraser removal: uint8 ``[T,H,W,3]`` + bool masks (True = remove; one mask or one per frame) ->
     uint8 ``[T,H,W,3]`` with the input's frame count and size; pixels outside the blended mask are the input's.
@@ -470,6 +475,10 @@ def remove_objects(
     ``original``: the source at full depth / with alpha (uint16 or uint8 ``[T,H,W,3|4]``, ``frames`` being its 8-bit
     RGB); the result is composited into it in place and returned, so untouched pixels keep every bit. Masks may be
     at another size than the frames (same aspect ratio): each stage resizes them once to its own size.
+    ``on_frames(start, stop, chunk)``: called with each finished ``FRAME_CHUNK`` range of the result (a slice of
+    the returned tensor: uint8, or the original when one is given) in frame order, as it completes (the prior-only
+    result is handed over once the prior is done); not called for an empty mask, where the input is returned as is.
+    The Ray executor (``distributed.RayRemover.remove``) keeps the same contract.
     """
     from .prior_propainter import run_propainter_prior
     from .video import working_size
@@ -487,7 +496,11 @@ def remove_objects(
     # masks at their own size: the prior resizes them once to its working size and once to the frames' size
     if prior_only:
         prior = run_propainter_prior(frames, masks, propainter_nets, prior_settings, runtime).frames
-        return prior if original is None else _into_original(prior, frames, original)
+        out = prior if original is None else _into_original(prior, frames, original)
+        if on_frames is not None:
+            for start in range(0, num, FRAME_CHUNK):
+                on_frames(start, min(start + FRAME_CHUNK, num), out[start:start + FRAME_CHUNK])
+        return out
     encoder = _PriorLatentSink(num, (work_h, work_w), codec, runtime)
     run_propainter_prior(frames, masks, propainter_nets, prior_settings, runtime, sink=encoder)
     prior_latent = encoder.result()
@@ -524,7 +537,7 @@ def remove_objects(
     del start, conditioning
     out = decode_and_blend(
         latents, frames, masks, codec, runtime, mask_dilation=sampler_settings.mask_dilation, feather=feather,
-        out=output, original=original,
+        out=output, original=original, on_frames=on_frames,
     )
     del latents
     if out.shape[0] != num:
