@@ -115,7 +115,10 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
 class _ProgressPrinter:
     """Progress reports (a window, a chunk, a stage step) on ``stream``: on a terminal one tqdm bar per stage with its
     rate and ETA, and the whole job's share done, elapsed time and ETA beside it (from the ``job`` count,
-    ``progress.JobProgress``); otherwise one plain line per report (the job's only when its whole percent changes)."""
+    ``progress.JobProgress``); otherwise one plain line per report (the job's only when its whole percent changes).
+
+    Stages that take turns chunk by chunk (decode, blend and write as each chunk is finished and written) keep
+    their own bar each, on its own line, instead of a new bar at every switch."""
 
     def __init__(self, stream, quiet: bool):
         import time
@@ -125,8 +128,7 @@ class _ProgressPrinter:
         self.started = time.monotonic()
         isatty = getattr(stream, "isatty", None)
         self.bars = bool(isatty and isatty())
-        self.bar = None
-        self.stage = None
+        self.open_bars = {}  # stage -> its tqdm bar, until that stage completes
         self.job_fraction = None
         self.job_percent = None
 
@@ -151,8 +153,8 @@ class _ProgressPrinter:
                 self.stream.write(f"[diffueraser] {self._job_text()}\n")
                 self.stream.flush()
             self.job_percent = percent
-            if self.bars and self.bar is not None:
-                self.bar.set_postfix_str(self._job_text(), refresh=True)
+            if self.bars and self.open_bars:
+                list(self.open_bars.values())[-1].set_postfix_str(self._job_text(), refresh=True)
             return
         if not self.bars:
             self.stream.write(f"[diffueraser] {stage}: {done}/{total}\n")
@@ -160,21 +162,27 @@ class _ProgressPrinter:
             return
         from tqdm import tqdm
 
-        if stage != self.stage or self.bar is None or self.bar.total != total or done < self.bar.n:
-            self.close()
-            self.bar = tqdm(total=total, desc=f"[diffueraser] {stage}", file=self.stream, leave=True,
-                            dynamic_ncols=True, unit="step")
-            self.stage = stage
-        self.bar.set_postfix_str(self._job_text(), refresh=False)
-        self.bar.update(max(0, done - self.bar.n))
+        bar = self.open_bars.get(stage)
+        if bar is not None and (bar.total != total or done < bar.n):
+            self._close(stage)  # the stage started another pass
+            bar = None
+        if bar is None:
+            bar = tqdm(total=total, desc=f"[diffueraser] {stage}", file=self.stream, leave=True,
+                       dynamic_ncols=True, unit="step", position=len(self.open_bars))
+            self.open_bars[stage] = bar
+        bar.set_postfix_str(self._job_text(), refresh=False)
+        bar.update(max(0, done - bar.n))
         if done >= total:
-            self.close()
+            self._close(stage)
+
+    def _close(self, stage):
+        bar = self.open_bars.pop(stage, None)
+        if bar is not None:
+            bar.close()
 
     def close(self):
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-            self.stage = None
+        for stage in list(self.open_bars):
+            self._close(stage)
 
 
 def settings_from_args(args):

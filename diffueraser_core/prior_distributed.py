@@ -66,10 +66,16 @@ STEPS_IN_FLIGHT_PER_WORKER = 12
 # Worker side: rebuild a task's inputs from the chunks it was given and run the single-process chunk function.
 
 
-def _as_tensor(array) -> torch.Tensor:
-    from .ray_worker import _read_only_tensor
+def shared_tensor(array) -> torch.Tensor:
+    """A tensor over a numpy array from Ray's object store without copying it (on the same machine the array is
+    shared memory, read-only: readers never write to it); tensors pass through."""
+    import warnings
 
-    return array if isinstance(array, torch.Tensor) else _read_only_tensor(array)
+    if isinstance(array, torch.Tensor):
+        return array
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "The given NumPy array is not writable"
+        return torch.from_numpy(array)
 
 
 def _numpy(t: torch.Tensor):
@@ -81,7 +87,7 @@ def _groups(layout: Sequence[Tuple[str, Sequence[int]]], parts) -> Dict[str, Lis
     """``parts`` (the chunks a task got, flat, in ``layout`` order) -> by name, ``(first index, rows)`` each."""
     out, k = {}, 0
     for name, starts in layout:
-        out[name] = [(int(s), _as_tensor(parts[k + i])) for i, s in enumerate(starts)]
+        out[name] = [(int(s), shared_tensor(parts[k + i])) for i, s in enumerate(starts)]
         k += len(starts)
     if k != len(parts):
         raise RuntimeError(f"{STAGE}: internal error, a task got {len(parts)} chunks for a layout of {k}")
@@ -105,7 +111,7 @@ def raft_task(nets, frames_in, size, settings):
     """A RAFT chunk from its input-size frames: (working-size uint8 frames, forward, backward fp16 flows)."""
     from .prior_chunks import raft_chunk
 
-    frames = resize_frames(_as_tensor(frames_in), size, mode="bicubic")
+    frames = resize_frames(shared_tensor(frames_in), size, mode="bicubic")
     forward, backward = raft_chunk(nets, frames, settings)
     return _numpy(frames), _numpy(forward), _numpy(backward)
 
@@ -115,8 +121,8 @@ def sample_task(nets, frames_in, masks, size, settings, dtype, runtime):
     from .prior_chunks import _Progress
     from .prior_propainter import propagate_sample
 
-    frames = resize_frames(_as_tensor(frames_in), size, mode="bicubic")
-    masks = _as_tensor(masks)
+    frames = resize_frames(shared_tensor(frames_in), size, mode="bicubic")
+    masks = shared_tensor(masks)
     progress = _Progress(runtime, max(1, 3 * int(frames.shape[0]) - 2))
     updated, updated_masks = propagate_sample(frames, masks, size, nets, settings, dtype, runtime, progress)
     return _numpy(updated), _numpy(updated_masks)
@@ -130,7 +136,7 @@ def complete_task(nets, meta, parts, dtype):
     pairs = range(s, e)
     raw_f = _pick(got["raw_f"], pairs, (2, h, w), torch.float16)
     raw_b = _pick(got["raw_b"], pairs, (2, h, w), torch.float16)
-    forward, backward = complete_chunk(nets, raw_f, raw_b, _as_tensor(meta["flow_masks"]), head, count, dtype)
+    forward, backward = complete_chunk(nets, raw_f, raw_b, shared_tensor(meta["flow_masks"]), head, count, dtype)
     return _numpy(forward), _numpy(backward)
 
 
@@ -146,7 +152,7 @@ def propagate_task(nets, meta, parts, dtype):
     if meta["sample"]:
         sample_frames = got["sample_frames"][0][1]
         overrides = {i - s: sample_frames[k].clone() for k, i in meta["sample"]}
-    updated, updated_masks = propagate_chunk(nets, frames, overrides, _as_tensor(meta["masks_in"]), flows, head,
+    updated, updated_masks = propagate_chunk(nets, frames, overrides, shared_tensor(meta["masks_in"]), flows, head,
                                              count, dtype)
     return _numpy(updated), _numpy(updated_masks)
 
@@ -158,13 +164,13 @@ def transformer_task(nets, meta, parts, dtype, runtime):
     got = _groups(meta["layout"], parts)
     inputs = (
         _pick(got["updated"], step.ids, (3, h, w), torch.float16),
-        _as_tensor(meta["masks_in"]).clone(),
+        shared_tensor(meta["masks_in"]).clone(),
         _pick(got["updated_masks"], step.ids, (h, w), torch.bool),
         (_pick(got["flows_f"], step.pair_ids, (2, h, w), torch.float16),
          _pick(got["flows_b"], step.pair_ids, (2, h, w), torch.float16)),
     )
     frames = _pick(got["frames"], step.neighbor_ids, (h, w, 3), torch.uint8)
-    composite = transformer_chunk(inputs, step, (h, w), nets, dtype, runtime, _as_tensor(meta["holes"]), frames)
+    composite = transformer_chunk(inputs, step, (h, w), nets, dtype, runtime, shared_tensor(meta["holes"]), frames)
     return _numpy(composite)
 
 
@@ -346,7 +352,7 @@ def run_prior_on_cluster(ray, workers, frames: torch.Tensor, masks: torch.Tensor
     if count == 1 or not bool(work_masks.any()):
         # nothing to split (a single frame, or a mask that vanishes at the working size): one worker's whole run
         whole = workers[0].prior_frames.remote(frames.numpy(), native.contiguous().numpy(), settings)
-        out = _as_tensor(ray.get(whole))
+        out = shared_tensor(ray.get(whole))
         if sink is None:
             return out
         for start in range(0, count, OUTPUT_FLUSH_FRAMES):
@@ -398,7 +404,7 @@ def run_prior_on_cluster(ray, workers, frames: torch.Tensor, masks: torch.Tensor
 
     def merge_oldest() -> None:
         step, ref = in_flight.popleft()
-        composite = _as_tensor(ray.get(ref))
+        composite = shared_tensor(ray.get(ref))
         for k, i in enumerate(step.neighbor_ids):
             writer.add(i, composite[k])
         writer.flush(step.frame)  # as the single process: the next step starts at this one's frame

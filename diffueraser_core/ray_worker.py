@@ -128,7 +128,9 @@ class PipelineWorker:
         from .prior_propainter import run_propainter_prior
 
         self._maybe_fail("prior")
-        frames, masks = _read_only_tensor(frames), _read_only_tensor(masks)
+        from .prior_distributed import shared_tensor
+
+        frames, masks = shared_tensor(frames), shared_tensor(masks)
         return run_propainter_prior(frames, masks, self.nets, settings, self.runtime).frames
 
     def conditioning(self, frames, masks, latent_hw, mask_dilation):
@@ -189,13 +191,3 @@ def _check_replay(step) -> None:
 def _check_replayed(step) -> None:
     if step is not None and step.scheduler != "tcd":
         step.noise.check_used()
-
-
-def _read_only_tensor(array) -> torch.Tensor:
-    """A tensor over a numpy array from Ray's object store without copying it (on the same machine the array is
-    shared memory, read-only; the prior only reads its input)."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "The given NumPy array is not writable"
-        return torch.from_numpy(array)

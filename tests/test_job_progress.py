@@ -55,3 +55,24 @@ def test_printer_shows_job_share_and_eta_plain_and_on_a_terminal():
     # one bar per stage, its own rate, and the whole job's share and ETA beside it
     assert "[diffueraser] prior" in text and ("step/s" in text or "s/step" in text)
     assert "job 62% " in text and "ETA" in text
+
+
+def test_stages_taking_turns_chunk_by_chunk_keep_one_bar_each():
+    """decode, blend and write alternate for every chunk once output is written as it completes: each keeps
+    the bar it started with (a new bar per switch would leave three lines per chunk on a long run)."""
+    printer = _ProgressPrinter(_Tty(), quiet=False)
+    printer("decode", 2, 6)
+    first = printer.open_bars["decode"]
+    for done in (2, 4, 6):
+        for stage in ("decode", "blend", "write"):
+            printer(stage, done, 6)
+            if done < 6:
+                assert printer.open_bars[stage] is not None
+        if done < 6:
+            assert printer.open_bars["decode"] is first and len(printer.open_bars) == 3
+    assert printer.open_bars == {}  # each closed when its stage completed
+    printer("encode", 3, 6)
+    printer("encode", 1, 6)  # a new pass of the stage: a new bar
+    assert printer.open_bars["encode"].n == 1
+    printer.close()
+    assert printer.open_bars == {}
