@@ -8,7 +8,8 @@ for bit (checked). Times per phase come from the progress events: ``prior`` = un
 the conditioning built meanwhile) is done; ``pre-inference`` (the single process builds its conditioning here);
 ``sampling``; ``decode`` (decode + blend). Worker start-up (Ray, imports, network loading) is reported apart.
 Also printed: the bytes that cross between the driver and the workers per denoising step, for this clip and for
-250 frames at the 960x536 working size. Models: tiny random diffusion networks, full-size ProPainter networks
+250 frames at the 960x536 working size, and the bytes the split prior moves (its real chunk schedule, counted by
+``prior_transfer_bytes``). Models: tiny random diffusion networks, full-size ProPainter networks
 (cached in bench/.cache/), so on a CPU the prior dominates, as in bench/run.py.
 """
 
@@ -76,6 +77,86 @@ def transfer_bytes(num: int, latent_hw, window: int = 22, overlap=None) -> dict:
     }
 
 
+class _DryRef:
+    """A dry-run object reference: the bytes of one task output."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = int(nbytes)
+
+
+class _DryScheduler:
+    """Stands in for ``prior_distributed._Scheduler``: records each task's inputs (object references from other
+    tasks, arrays from the driver) and outputs instead of running it, so the real chunk schedule is counted."""
+
+    def __init__(self, size):
+        self.h, self.w = size
+        self.tasks = {}
+        self.bytes = {"driver_to_workers": 0, "worker_to_worker": 0, "workers_to_driver": 0, "outputs": 0}
+
+    @staticmethod
+    def _driver_bytes(value) -> int:
+        import numpy as np
+
+        if isinstance(value, (torch.Tensor, np.ndarray)):
+            return int(value.nbytes)
+        if isinstance(value, dict):
+            return sum(_DryScheduler._driver_bytes(v) for v in value.values())
+        return 0
+
+    def submit(self, method, returns, units, *args):
+        hw = self.h * self.w
+        self.tasks[method] = self.tasks.get(method, 0) + 1
+        self.bytes["worker_to_worker"] += sum(a.nbytes for a in args if isinstance(a, _DryRef))
+        self.bytes["driver_to_workers"] += sum(self._driver_bytes(a) for a in args if not isinstance(a, _DryRef))
+        meta = args[0] if args and isinstance(args[0], dict) else {}
+        if method == "prior_raft":
+            count = int(args[0].shape[0]) - 1
+            sizes = [(count + 1) * hw * 3, count * 2 * hw * 2, count * 2 * hw * 2]
+        elif method == "prior_sample":
+            k = int(args[0].shape[0])
+            sizes = [k * 3 * hw * 2, k * hw]
+            self.bytes["workers_to_driver"] += k * hw  # the sample's masks
+        elif method == "prior_complete":
+            sizes = [meta["count"] * 2 * hw * 2] * 2
+        elif method == "prior_propagate":
+            sizes = [meta["count"] * 3 * hw * 2, meta["count"] * hw]
+        else:  # prior_transformer: the composite goes back to the driver
+            sizes = [len(meta["step"].neighbor_ids) * hw * 3]
+            self.bytes["workers_to_driver"] += sizes[0]
+        self.bytes["outputs"] += sum(sizes)
+        return tuple(_DryRef(n) for n in sizes)
+
+
+def prior_transfer_bytes(num: int, input_size, size, settings) -> dict:
+    """Bytes moved by the split prior of ``num`` frames of ``input_size`` (H, W) at the prior's working size
+    ``size`` (h, w), counted by running the driver's real chunk schedule (``prior_distributed._ClusterPrior``)
+    against a recording scheduler: what the driver sends (input-size frames, masks), what tasks read from other
+    tasks' outputs (``worker_to_worker``: on one machine shared memory, read in place; a machine pulls each
+    output at most once, so ``outputs`` bounds what crosses the network to any one machine) and what comes back
+    to the driver (the transformer's composites, the sample's masks)."""
+    from diffueraser_core.prior_distributed import _ClusterPrior
+    from diffueraser_core.prior_propainter import pre_propagation_index, transformer_reach, transformer_steps
+
+    h, w = size
+    scheduler = _DryScheduler(size)
+    frames = torch.zeros((1, *input_size, 3), dtype=torch.uint8).expand(num, *input_size, 3)  # slices materialise
+    work_masks = torch.zeros((num, h, w), dtype=torch.bool)
+    index = pre_propagation_index(num, settings)
+    sample = None
+    if index:
+        sample = (index, scheduler.submit("prior_sample", 2, 0, frames[index].numpy(), work_masks[index], size,
+                                          settings)[0])
+    video = _ClusterPrior(None, scheduler, frames, work_masks, lambda a, b: work_masks[a:b], sample, size, settings)
+    reach = transformer_reach(num, settings)
+    for step in transformer_steps(num, settings):
+        video.submit_step(step)
+        video.drop_read(first_frame=0 if reach is None else step.next_frame - reach, first_pair=step.frame)
+    out = {"frames": num, "size": [h, w], "tasks": scheduler.tasks}
+    out.update({k: v for k, v in scheduler.bytes.items()})
+    out["per_frame"] = {k: round(v / num) for k, v in scheduler.bytes.items()}
+    return out
+
+
 class SamplingOnly:
     """The sampling stage alone at a larger working size (``--sampling-size``): random start latents and
     conditioning, ``denoise_windows`` in this process against ``RayRemover.denoise`` on the workers. Shows the
@@ -121,6 +202,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (and for the single process)")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--raft-iter", type=int, default=1)
+    p.add_argument("--subvideo-length", type=int, default=50,
+                   help="ProPainter chunk length (run_diffueraser's 50; shorter splits a short clip's prior more)")
     p.add_argument("--cache", default=os.path.join(REPO, "bench", ".cache"))
     p.add_argument("--sampling-frames", type=int, default=40,
                    help="frames of the sampling-only comparison (0: skip it)")
@@ -133,7 +216,7 @@ def main(argv=None) -> int:
     from diffueraser_core.model_files import find_model_files
     from diffueraser_core.pipeline import SamplerSettings, remove_objects
     from diffueraser_core.prior_injection import InjectionSettings
-    from diffueraser_core.prior_propainter import ProPainterSettings
+    from diffueraser_core.prior_propainter import ProPainterSettings, working_size
     from diffueraser_core.runtime import StandaloneRuntime
 
     width, height = parse_resolution(args.resolution)
@@ -143,7 +226,8 @@ def main(argv=None) -> int:
     sampler = SamplerSettings(steps=args.steps, mask_dilation=2)
     injection = InjectionSettings(seed=0, window_length=sampler.window_length, inversion_steps=args.steps)
     prior = ProPainterSettings(resize_ratio=1.0 if min(height, width) < 110 else 0.6, mask_dilation=2,
-                               raft_iter=args.raft_iter, subvideo_length=50, neighbor_length=10, ref_stride=10)
+                               raft_iter=args.raft_iter, subvideo_length=args.subvideo_length, neighbor_length=10,
+                               ref_stride=10)
     kwargs = dict(sampler_settings=sampler, injection_settings=injection, propainter_settings=prior)
 
     torch.set_num_threads(args.threads)
@@ -194,6 +278,10 @@ def main(argv=None) -> int:
                                                         "windows_per_step": sampling.windows, "runs": sampling.runs},
         "transfer_this_clip": transfer_bytes(args.frames, (height // 8, width // 8)),
         "transfer_250_frames_960x536": transfer_bytes(250, (536 // 8, 960 // 8)),
+        "prior_transfer_this_clip": prior_transfer_bytes(args.frames, (height, width),
+                                                        working_size(height, width, prior), prior),
+        # a 1280x720 clip: the prior works at 768x432 (ratio 0.6), with run_diffueraser's chunk settings
+        "prior_transfer_250_frames_768x432": prior_transfer_bytes(250, (720, 1280), (432, 768), ProPainterSettings()),
     }
     print("| run | workers | start-up s | prior s | pre-inference s | sampling s | decode s | total s | same result |",
           file=sys.stderr)

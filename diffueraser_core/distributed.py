@@ -47,13 +47,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from typing import Callable, List, Optional
 
 import torch
 
 from .progress import JobProgress  # noqa: F401  (the whole-job count; also used by the local engine)
-from .errors import InputError
+from .errors import InputError, WorkerError
 from .ray_worker import PipelineWorker, WorkerSpec  # noqa: F401  (WorkerSpec: part of this module's API)
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,23 @@ def init_cluster(address: Optional[str] = None, num_cpus: Optional[int] = None, 
     except ConnectionError as exc:
         raise InputError(f"{NODE}: cannot connect to the Ray cluster at {address!r}: {exc}") from exc
     return ray
+
+
+def _task_failure(exc) -> str:
+    """One line for a task that raised on a worker: the task, the worker's own error, and what to change when it
+    ran out of device memory (a chunk on a worker is not halved and retried as on one machine)."""
+    cause = getattr(exc, "cause", None)
+    text = f"{type(cause).__name__}: {cause}" if cause is not None else str(exc)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    # Ray names the task in its own first line, "ray::Class.method() (pid=..., ...)"
+    named = re.search(r"ray::([\w.]+)\(", str(exc))
+    task = named.group(1) if named else "a task"
+    hint = ""
+    if "out of memory" in text.lower():
+        hint = ("; lower --max-side (or --resize-ratio / --subvideo-length for the prior, --window-length for "
+                "sampling), or use GPUs with more memory")
+    return f"{NODE}: a worker failed in {task}: {text}{hint}"
 
 
 class _RemoteEncodeSink:
@@ -263,7 +281,21 @@ class RayRemover:
             latents = acc.result()
         return latents
 
-    def remove(
+    def remove(self, *args, **kwargs) -> torch.Tensor:
+        """``pipeline.remove_objects`` on the cluster (see ``_remove``); a worker's failure becomes one clear line
+        (``WorkerError``) instead of Ray's remote traceback."""
+        ray = self.ray
+        try:
+            return self._remove(*args, **kwargs)
+        except ray.exceptions.RayTaskError as exc:
+            raise WorkerError(_task_failure(exc)) from exc
+        except ray.exceptions.RayActorError as exc:
+            raise WorkerError(
+                f"{NODE}: a worker was lost and could not be restarted ({MAX_RESTARTS} restarts): "
+                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            ) from exc
+
+    def _remove(
         self,
         frames: torch.Tensor,
         masks: torch.Tensor,

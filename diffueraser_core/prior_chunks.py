@@ -323,6 +323,16 @@ def propagate_chunk(nets, frames_u8, overrides: Dict[int, torch.Tensor], masks_i
             prop_masks.reshape(t, h, w)[head : head + count].to("cpu") > 0.5)
 
 
+def composite_prior(generated, frames, masks, work_masks) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Working-size generated frames (uint8 ``[t,h,w,3]``) upscaled into the input-size ``frames`` inside the hole:
+    the working-size dilated mask upscaled by nearest neighbour, united with the input mask ``masks`` so no hole
+    pixel is ever left out. Returns ``(composite uint8 [t,H,W,3], hole bool [t,H,W])``."""
+    height, width = frames.shape[1:3]
+    upscaled = resize_frames(generated, (height, width), mode="bicubic")
+    hole = resize_masks_nearest(work_masks, (height, width)) | masks
+    return torch.where(hole.unsqueeze(-1), upscaled, frames), hole
+
+
 class _OutputWriter:
     """Collects composited working-size frames and writes finished ones into the input-size output, or hands them
     to ``sink`` (then no input-size output or mask is ever allocated).
@@ -370,12 +380,17 @@ class _OutputWriter:
             raise RuntimeError(
                 f"{STAGE}: internal error, frames {indices[:3]}... were finished out of order (next expected {start})"
             )
-        height, width = self.frames.shape[1:3]
         generated = torch.stack([self.pending.pop(i) for i in indices])
-        upscaled = resize_frames(generated, (height, width), mode="bicubic")
-        hole = resize_masks_nearest(self.work_masks[start:stop], (height, width)) | self.masks[start:stop]
-        composite = torch.where(hole.unsqueeze(-1), upscaled, self.frames[start:stop])
         self.written = stop
+        self._composite(start, stop, generated)
+
+    def _composite(self, start: int, stop: int, generated: torch.Tensor) -> None:
+        """Composite finished frames ``[start, stop)`` and deliver them (the Ray executor does it on a worker)."""
+        composite, hole = composite_prior(generated, self.frames[start:stop], self.masks[start:stop],
+                                          self.work_masks[start:stop])
+        self._deliver(start, stop, composite, hole)
+
+    def _deliver(self, start: int, stop: int, composite: torch.Tensor, hole: torch.Tensor) -> None:
         if self.sink is None:
             self.out_masks[start:stop] = hole
             self.output[start:stop] = composite

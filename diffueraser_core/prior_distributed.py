@@ -14,6 +14,8 @@ very function the single-process cursor runs (``prior_chunks.raft_chunk`` / ``co
 * **transformer steps**, each reading its neighbour and reference frames; the driver merges the composites in
   step order into the same ``_OutputWriter`` (the reference's running average), which hands finished frames to
   the sink in frame order.
+* **the input-size composite** of finished frames (a bicubic upscale, ``prior_chunks.composite_prior``): a task
+  per flushed range, so the driver does no pixel work beyond the running average.
 
 Intermediates never pass through the driver: a task gets the object references of the chunks it reads as
 arguments, so Ray moves them worker to worker (shared memory on one machine) and frees them once no pending task
@@ -60,6 +62,9 @@ log = logging.getLogger(__name__)
 #: keep every worker busy across a propagation chunk (``propagation_chunk / stride`` steps), few enough that the
 #: chunks in flight stay a small multiple of the chunk lengths
 STEPS_IN_FLIGHT_PER_WORKER = 12
+#: input-size composites (``OUTPUT_FLUSH_FRAMES`` frames each) in flight per worker before the driver takes the
+#: oldest: what the driver holds of the result stays a few ranges, whatever the video length
+COMPOSITES_IN_FLIGHT_PER_WORKER = 2
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -171,6 +176,15 @@ def transformer_task(nets, meta, parts, dtype, runtime):
     )
     frames = _pick(got["frames"], step.neighbor_ids, (h, w, 3), torch.uint8)
     composite = transformer_chunk(inputs, step, (h, w), nets, dtype, runtime, shared_tensor(meta["holes"]), frames)
+    return _numpy(composite)
+
+
+def composite_task(generated, frames, masks, work_masks):
+    """The input-size composite of finished frames (``prior_chunks.composite_prior``): uint8 ``[t,H,W,3]``."""
+    from .prior_chunks import composite_prior
+
+    composite, _ = composite_prior(shared_tensor(generated), shared_tensor(frames), shared_tensor(masks),
+                                   shared_tensor(work_masks))
     return _numpy(composite)
 
 
@@ -336,6 +350,39 @@ class _ClusterPrior:
                 del self.chunks[stage][start]
 
 
+class _ClusterOutputWriter(_OutputWriter):
+    """``_OutputWriter`` whose input-size composites (a bicubic upscale of every finished frame: the driver's one
+    costly step otherwise) run as tasks on the workers, a few ranges in flight; the results are delivered in
+    frame order."""
+
+    def __init__(self, frames, masks, work_masks, sink, ray, scheduler: _Scheduler, in_flight: int):
+        super().__init__(frames, masks, work_masks, sink)
+        self.ray, self.scheduler, self.in_flight = ray, scheduler, max(1, int(in_flight))
+        self.queue = deque()
+
+    def _composite(self, start, stop, generated):
+        ref = self.scheduler.submit("prior_composite", 1, 0, _numpy(generated), self.frames[start:stop].contiguous().numpy(),
+                                    self.masks[start:stop].contiguous().numpy(),
+                                    self.work_masks[start:stop].contiguous().numpy())[0]
+        self.queue.append((start, stop, ref))
+        while len(self.queue) > self.in_flight:
+            self._deliver_oldest()
+
+    def _deliver_oldest(self):
+        start, stop, ref = self.queue.popleft()
+        composite = shared_tensor(self.ray.get(ref))
+        hole = None
+        if self.sink is None:  # the returned masks: cheap (nearest), so made here rather than shipped back
+            hole = resize_masks_nearest(self.work_masks[start:stop], tuple(self.frames.shape[1:3]))
+            hole |= self.masks[start:stop]
+        self._deliver(start, stop, composite, hole)
+
+    def finish(self):
+        while self.queue:
+            self._deliver_oldest()
+        return super().finish()
+
+
 def run_prior_on_cluster(ray, workers, frames: torch.Tensor, masks: torch.Tensor,
                          settings: Optional[ProPainterSettings] = None, sink=None,
                          progress: Optional[Callable[[str, int, int], None]] = None):
@@ -394,7 +441,8 @@ def run_prior_on_cluster(ray, workers, frames: torch.Tensor, masks: torch.Tensor
         return part
 
     video = _ClusterPrior(ray, scheduler, frames, work_masks, masks_in_of, sample, (h, w), settings)
-    writer = _OutputWriter(frames, full_masks, work_masks, sink)
+    writer = _ClusterOutputWriter(frames, full_masks, work_masks, sink, ray, scheduler,
+                                  COMPOSITES_IN_FLIGHT_PER_WORKER * len(workers))
     reach = transformer_reach(count, settings)
     in_flight = deque()
     limit = STEPS_IN_FLIGHT_PER_WORKER * len(workers)

@@ -34,7 +34,8 @@ class WorkerSpec:
     threads: Optional[int] = None
     #: fault drills (tests): stage -> marker file. The first worker to start a task of that stage while the file
     #: exists deletes it and kills its own process, as a lost machine would; Ray restarts the worker and re-runs
-    #: the task. Restarted workers are armed again, but the deleted file keeps it to one failure per stage.
+    #: the task. Restarted workers are armed again, but the deleted file keeps it to one failure per stage. A file
+    #: reading ``raise MESSAGE`` makes the task raise ``RuntimeError(MESSAGE)`` instead (the worker lives on).
     fault_markers: Dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -74,9 +75,14 @@ class PipelineWorker:
         if marker is None:
             return
         try:
+            with open(marker, encoding="utf-8") as handle:
+                drill = handle.read().strip()
             os.remove(marker)  # only one worker wins the removal
         except FileNotFoundError:
             return
+        if drill.startswith("raise "):
+            # an error inside the task (the worker lives on), e.g. a device out of memory
+            raise RuntimeError(drill[len("raise "):])
         log.warning("%s: injected failure: worker %d exits inside a %s task", NODE, os.getpid(), stage)
         os._exit(1)
 
@@ -116,6 +122,12 @@ class PipelineWorker:
 
         self._maybe_fail("prior")
         return transformer_task(self.nets, meta, parts, self._prior_dtype(meta["settings"]), self.runtime)
+
+    def prior_composite(self, generated, frames, masks, work_masks):
+        from .prior_distributed import composite_task
+
+        self._maybe_fail("prior")
+        return composite_task(generated, frames, masks, work_masks)
 
     def encode_frames(self, frames, size):
         """One prior range of the sink: resized to the working size and encoded, as ``_PriorLatentSink``."""
