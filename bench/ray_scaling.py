@@ -151,6 +151,15 @@ def prior_transfer_bytes(num: int, input_size, size, settings) -> dict:
     for step in transformer_steps(num, settings):
         video.submit_step(step)
         video.drop_read(first_frame=0 if reach is None else step.next_frame - reach, first_pair=step.frame)
+    # the input-size composites of the finished frames: one task per flushed range (at most OUTPUT_FLUSH_FRAMES
+    # frames; counted here as full ranges): generated frames, input frames and both masks out, composites back
+    from diffueraser_core.prior_settings import OUTPUT_FLUSH_FRAMES
+
+    big = input_size[0] * input_size[1]
+    scheduler.tasks["prior_composite"] = -(-num // OUTPUT_FLUSH_FRAMES)
+    scheduler.bytes["driver_to_workers"] += num * (h * w * 3 + big * 3 + big + h * w)
+    scheduler.bytes["workers_to_driver"] += num * big * 3
+    scheduler.bytes["outputs"] += num * big * 3
     out = {"frames": num, "size": [h, w], "tasks": scheduler.tasks}
     out.update({k: v for k, v in scheduler.bytes.items()})
     out["per_frame"] = {k: round(v / num) for k, v in scheduler.bytes.items()}
