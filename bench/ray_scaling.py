@@ -146,7 +146,7 @@ def prior_transfer_bytes(num: int, input_size, size, settings) -> dict:
     if index:
         sample = (index, scheduler.submit("prior_sample", 2, 0, frames[index].numpy(), work_masks[index], size,
                                           settings)[0])
-    video = _ClusterPrior(None, scheduler, frames, work_masks, lambda a, b: work_masks[a:b], sample, size, settings)
+    video = _ClusterPrior(scheduler, frames, work_masks, lambda a, b: work_masks[a:b], sample, size, settings)
     reach = transformer_reach(num, settings)
     for step in transformer_steps(num, settings):
         video.submit_step(step)

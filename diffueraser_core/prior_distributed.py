@@ -241,8 +241,8 @@ class _ClusterPrior:
     """The driver's bookkeeping for one video: which chunks are submitted, pulled in order as the transformer steps
     need them (the single-process cursors' order), and dropped once no later submission reads them."""
 
-    def __init__(self, ray, scheduler: _Scheduler, frames, work_masks, masks_in_of, sample, size, settings):
-        self.ray, self.scheduler = ray, scheduler
+    def __init__(self, scheduler: _Scheduler, frames, work_masks, masks_in_of, sample, size, settings):
+        self.scheduler = scheduler
         self.frames, self.work_masks, self.masks_in_of = frames, work_masks, masks_in_of
         self.sample = sample  # (sampled frame indices, reference of the sample's frames) or None
         self.count = int(work_masks.shape[0])
@@ -331,7 +331,7 @@ class _ClusterPrior:
         meta = dict(step=step, h=self.h, w=self.w, layout=layout, settings=self.settings,
                     masks_in=torch.cat([self.masks_in_of(i, i + 1) for i in ids]),
                     holes=self.work_masks[step.neighbor_ids].clone())
-        return self.scheduler.submit("prior_transformer", 1, 1, meta, *refs)[0]
+        return self.scheduler.submit("prior_transformer", 1, 0, meta, *refs)[0]  # counted when merged
 
     def drop_read(self, first_frame: int, first_pair: int) -> None:
         """Forget the chunks no later submission reads (the tasks already given them keep them alive in Ray):
@@ -440,7 +440,7 @@ def run_prior_on_cluster(ray, workers, frames: torch.Tensor, masks: torch.Tensor
                 part[i - start] = mask_overrides[i]
         return part
 
-    video = _ClusterPrior(ray, scheduler, frames, work_masks, masks_in_of, sample, (h, w), settings)
+    video = _ClusterPrior(scheduler, frames, work_masks, masks_in_of, sample, (h, w), settings)
     writer = _ClusterOutputWriter(frames, full_masks, work_masks, sink, ray, scheduler,
                                   COMPOSITES_IN_FLIGHT_PER_WORKER * len(workers))
     reach = transformer_reach(count, settings)
