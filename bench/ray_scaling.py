@@ -127,13 +127,14 @@ class _DryScheduler:
         return tuple(_DryRef(n) for n in sizes)
 
 
-def prior_transfer_bytes(num: int, input_size, size, settings) -> dict:
+def prior_transfer_bytes(num: int, input_size, size, settings, encode_size=None) -> dict:
     """Bytes moved by the split prior of ``num`` frames of ``input_size`` (H, W) at the prior's working size
     ``size`` (h, w), counted by running the driver's real chunk schedule (``prior_distributed._ClusterPrior``)
     against a recording scheduler: what the driver sends (input-size frames, masks), what tasks read from other
     tasks' outputs (``worker_to_worker``: on one machine shared memory, read in place; a machine pulls each
     output at most once, so ``outputs`` bounds what crosses the network to any one machine) and what comes back
-    to the driver (the transformer's composites, the sample's masks)."""
+    to the driver (the transformer's composites, the sample's masks, and the input-size composites, or with
+    ``encode_size`` (the diffusion run) their VAE latents at that size)."""
     from diffueraser_core.prior_distributed import _ClusterPrior
     from diffueraser_core.prior_propainter import pre_propagation_index, transformer_reach, transformer_steps
 
@@ -156,10 +157,11 @@ def prior_transfer_bytes(num: int, input_size, size, settings) -> dict:
     from diffueraser_core.prior_settings import OUTPUT_FLUSH_FRAMES
 
     big = input_size[0] * input_size[1]
-    scheduler.tasks["prior_composite"] = -(-num // OUTPUT_FLUSH_FRAMES)
+    back = big * 3 if encode_size is None else 4 * (encode_size[0] // 8) * (encode_size[1] // 8) * 4
+    scheduler.tasks["prior_composite" if encode_size is None else "prior_encode"] = -(-num // OUTPUT_FLUSH_FRAMES)
     scheduler.bytes["driver_to_workers"] += num * (h * w * 3 + big * 3 + big + h * w)
-    scheduler.bytes["workers_to_driver"] += num * big * 3
-    scheduler.bytes["outputs"] += num * big * 3
+    scheduler.bytes["workers_to_driver"] += num * back
+    scheduler.bytes["outputs"] += num * back
     out = {"frames": num, "size": [h, w], "tasks": scheduler.tasks}
     out.update({k: v for k, v in scheduler.bytes.items()})
     out["per_frame"] = {k: round(v / num) for k, v in scheduler.bytes.items()}
@@ -290,7 +292,8 @@ def main(argv=None) -> int:
         "prior_transfer_this_clip": prior_transfer_bytes(args.frames, (height, width),
                                                         working_size(height, width, prior), prior),
         # a 1280x720 clip: the prior works at 768x432 (ratio 0.6), with run_diffueraser's chunk settings
-        "prior_transfer_250_frames_768x432": prior_transfer_bytes(250, (720, 1280), (432, 768), ProPainterSettings()),
+        "prior_transfer_250_frames_768x432": prior_transfer_bytes(250, (720, 1280), (432, 768), ProPainterSettings(),
+                                                                  encode_size=(536, 960)),
     }
     print("| run | workers | start-up s | prior s | pre-inference s | sampling s | decode s | total s | same result |",
           file=sys.stderr)

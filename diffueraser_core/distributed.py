@@ -12,7 +12,8 @@ computation of every piece is the single-process computation:
 * **prior**: ``prior_distributed.run_prior_on_cluster``: RAFT, flow-completion and propagation chunks and the
   transformer steps are tasks on every worker, on the single-process chunk grids, reading each other's results
   through Ray's object store; the driver merges the transformer steps in order. The finished prior frames are
-  VAE-encoded by the workers in the same ``FRAME_CHUNK`` ranges as ``_PriorLatentSink`` while the prior goes on.
+  composited and VAE-encoded by the workers in the same ``FRAME_CHUNK`` ranges as ``_PriorLatentSink`` while the
+  prior goes on; only the latents come back.
 * **conditioning**: ``build_conditioning`` on ranges of ``CONDITIONING_CHUNK`` frames (it works chunk by chunk
   on exactly those ranges, so each worker sees the single-process VAE batches).
 * **injection**: forward noise on the driver (seeded noise, cheap); DDIM inversion (not the reference default)
@@ -49,7 +50,7 @@ import logging
 import os
 import re
 import time
-from typing import Callable, List, Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -63,8 +64,6 @@ NODE = "DiffuEraser (Ray)"
 INSTALL_HINT = "pip install 'comfyui-diffueraser[distributed]' (or: pip install ray)"
 #: how often Ray restarts a lost worker and re-runs its task before the run fails
 MAX_RESTARTS = 3
-#: prior chunks (FRAME_CHUNK frames each) in flight to the encoding workers, per worker
-ENCODES_IN_FLIGHT_PER_WORKER = 4
 
 
 def import_ray():
@@ -118,45 +117,6 @@ def _task_failure(exc) -> str:
         hint = ("; lower --max-side (or --resize-ratio / --subvideo-length for the prior, --window-length for "
                 "sampling), or use GPUs with more memory")
     return f"{NODE}: a worker failed in {task}: {text}{hint}"
-
-
-class _RemoteEncodeSink:
-    """``pipeline._PriorLatentSink`` with its ``FRAME_CHUNK`` ranges (the same ranges, so the same VAE batches)
-    encoded by the workers, round robin, with a bounded number in flight; ``result`` collects them in order."""
-
-    def __init__(self, num, size, workers, progress):
-        from .pipeline import _PriorLatentSink
-
-        class Sink(_PriorLatentSink):
-            def _encode(sink, start, stop, frames):
-                self._submit(start, stop, frames)
-
-        self.workers, self.progress = list(workers), progress
-        self.sink = Sink(num, size, None, self)
-        self.pending: List[Optional[tuple]] = []
-        self.collected = 0
-
-    def __call__(self, start, stop, frames):
-        self.sink(start, stop, frames)
-
-    def _submit(self, start, stop, frames):
-        worker = self.workers[len(self.pending) % len(self.workers)]
-        self.pending.append((start, stop, worker.encode_frames.remote(frames.clone(), self.sink.size)))
-        while len(self.pending) - self.collected > ENCODES_IN_FLIGHT_PER_WORKER * len(self.workers):
-            self._collect_one()
-
-    def _collect_one(self):
-        import ray
-
-        start, stop, ref = self.pending[self.collected]
-        self.sink.latent[start:stop] = ray.get(ref)
-        self.pending[self.collected] = None
-        self.collected += 1
-
-    def result(self) -> torch.Tensor:
-        while self.collected < len(self.pending):
-            self._collect_one()
-        return self.sink.result()
 
 
 class RayRemover:
@@ -364,12 +324,10 @@ class RayRemover:
                     on_frames(a, min(a + FRAME_CHUNK, num), out[a:a + FRAME_CHUNK])
             return out if output is None or original is not None else output.copy_(out)
 
-        # the prior's chunks on every worker; its finished frames are VAE-encoded by the workers too, in the
-        # single-process FRAME_CHUNK ranges, while the prior goes on
-        encoder = _RemoteEncodeSink(num, (work_h, work_w), self.workers, job)
-        run_prior_on_cluster(ray, self.workers, frames, masks, prior_settings, sink=encoder, progress=job)
-        prior_latent = encoder.result()
-        del encoder
+        # the prior's chunks on every worker; its finished frames are VAE-encoded where they are composited, in the
+        # single-process FRAME_CHUNK ranges, while the prior goes on: only latents come back
+        prior_latent = run_prior_on_cluster(ray, self.workers, frames, masks, prior_settings, progress=job,
+                                            encode_size=(work_h, work_w))
         job("prior", num, num)
         latent_hw = (work_h // 8, work_w // 8)
         conditioning = self._conditioning(frames, masks, latent_hw, sampler_settings.mask_dilation, self.workers, job)

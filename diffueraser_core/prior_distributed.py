@@ -15,7 +15,9 @@ very function the single-process cursor runs (``prior_chunks.raft_chunk`` / ``co
   step order into the same ``_OutputWriter`` (the reference's running average), which hands finished frames to
   the sink in frame order.
 * **the input-size composite** of finished frames (a bicubic upscale, ``prior_chunks.composite_prior``): a task
-  per flushed range, so the driver does no pixel work beyond the running average.
+  per flushed range, so the driver does no pixel work beyond the running average. For the diffusion run the same
+  task VAE-encodes its composite (``encode_size``), on the ``FRAME_CHUNK`` ranges of ``_PriorLatentSink``, and
+  only latents come back.
 
 Intermediates never pass through the driver: a task gets the object references of the chunks it reads as
 arguments, so Ray moves them worker to worker (shared memory on one machine) and frees them once no pending task
@@ -54,7 +56,7 @@ from .prior_propainter import (
     transformer_reach,
     transformer_steps,
 )
-from .video import resize_frames
+from .video import FRAME_CHUNK, resize_frames
 
 log = logging.getLogger(__name__)
 
@@ -179,13 +181,17 @@ def transformer_task(nets, meta, parts, dtype, runtime):
     return _numpy(composite)
 
 
-def composite_task(generated, frames, masks, work_masks):
-    """The input-size composite of finished frames (``prior_chunks.composite_prior``): uint8 ``[t,H,W,3]``."""
+def composite_task(generated, frames, masks, work_masks, codec=None, encode_size=None):
+    """The input-size composite of finished frames (``prior_chunks.composite_prior``): uint8 ``[t,H,W,3]``; with
+    ``encode_size``, its VAE latents at that size instead (``_PriorLatentSink``'s computation on one of its
+    ``FRAME_CHUNK`` ranges), so the composite never travels."""
     from .prior_chunks import composite_prior
 
     composite, _ = composite_prior(shared_tensor(generated), shared_tensor(frames), shared_tensor(masks),
                                    shared_tensor(work_masks))
-    return _numpy(composite)
+    if encode_size is None:
+        return _numpy(composite)
+    return _numpy(codec.encode(resize_frames(composite, tuple(encode_size))))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -350,45 +356,91 @@ class _ClusterPrior:
                 del self.chunks[stage][start]
 
 
+def _latents_only(start, stop, frames):
+    raise RuntimeError(f"{STAGE}: internal error, the encoding writer delivers latents, not frames")
+
+
 class _ClusterOutputWriter(_OutputWriter):
     """``_OutputWriter`` whose input-size composites (a bicubic upscale of every finished frame: the driver's one
     costly step otherwise) run as tasks on the workers, a few ranges in flight; the results are delivered in
-    frame order."""
+    frame order.
 
-    def __init__(self, frames, masks, work_masks, sink, ray, scheduler: _Scheduler, in_flight: int):
+    With ``encode_size`` the tasks also VAE-encode their composite at that size and only the latents come back
+    (``latent``): the finished frames are regrouped into the ``FRAME_CHUNK`` ranges ``_PriorLatentSink`` encodes,
+    so every VAE call sees the single-process batch."""
+
+    def __init__(self, frames, masks, work_masks, sink, ray, scheduler: _Scheduler, in_flight: int,
+                 encode_size=None, progress=None):
+        if encode_size is not None:
+            sink = _latents_only  # nothing input-size is kept on the driver
         super().__init__(frames, masks, work_masks, sink)
         self.ray, self.scheduler, self.in_flight = ray, scheduler, max(1, int(in_flight))
         self.queue = deque()
+        self.encode_size, self.progress = encode_size, progress
+        self.latent = None
+        if encode_size is not None:
+            h, w = (int(x) for x in encode_size)
+            self.latent = torch.empty((frames.shape[0], 4, h // 8, w // 8), dtype=torch.float32)
+        self.waiting: List[torch.Tensor] = []  # generated frames from ``grouped`` on, not yet in a task
+        self.grouped = 0
 
     def _composite(self, start, stop, generated):
-        ref = self.scheduler.submit("prior_composite", 1, 0, _numpy(generated), self.frames[start:stop].contiguous().numpy(),
-                                    self.masks[start:stop].contiguous().numpy(),
-                                    self.work_masks[start:stop].contiguous().numpy())[0]
-        self.queue.append((start, stop, ref))
+        if self.encode_size is None:
+            self._submit(start, stop, generated, "prior_composite")
+            return
+        num = int(self.frames.shape[0])
+        self.waiting.append(generated)
+        while stop - self.grouped >= FRAME_CHUNK or (stop == num > self.grouped):
+            end = min(self.grouped + FRAME_CHUNK, num)
+            held = torch.cat(self.waiting)
+            take = end - self.grouped
+            self.waiting = [held[take:]] if take < held.shape[0] else []
+            self._submit(self.grouped, end, held[:take], "prior_encode")
+            self.grouped = end
+
+    def _submit(self, start, stop, generated, method):
+        args = [_numpy(generated), self.frames[start:stop].contiguous().numpy(),
+                self.masks[start:stop].contiguous().numpy(), self.work_masks[start:stop].contiguous().numpy()]
+        if method == "prior_encode":
+            args.append(tuple(self.encode_size))
+        self.queue.append((start, stop, self.scheduler.submit(method, 1, 0, *args)[0]))
         while len(self.queue) > self.in_flight:
             self._deliver_oldest()
 
     def _deliver_oldest(self):
         start, stop, ref = self.queue.popleft()
-        composite = shared_tensor(self.ray.get(ref))
+        result = shared_tensor(self.ray.get(ref))
+        if self.latent is not None:
+            self.latent[start:stop] = result
+            if self.progress is not None:
+                self.progress("encode", stop, int(self.frames.shape[0]))
+            return
         hole = None
         if self.sink is None:  # the returned masks: cheap (nearest), so made here rather than shipped back
             hole = resize_masks_nearest(self.work_masks[start:stop], tuple(self.frames.shape[1:3]))
             hole |= self.masks[start:stop]
-        self._deliver(start, stop, composite, hole)
+        self._deliver(start, stop, result, hole)
 
     def finish(self):
         while self.queue:
             self._deliver_oldest()
-        return super().finish()
+        if self.latent is not None:
+            if self.grouped != self.frames.shape[0] or self.pending:
+                raise RuntimeError(f"{STAGE}: internal error, {self.grouped} of {self.frames.shape[0]} frames encoded")
+            return self.latent
+        return super().finish().frames
 
 
 def run_prior_on_cluster(ray, workers, frames: torch.Tensor, masks: torch.Tensor,
                          settings: Optional[ProPainterSettings] = None, sink=None,
-                         progress: Optional[Callable[[str, int, int], None]] = None):
+                         progress: Optional[Callable[[str, int, int], None]] = None, encode_size=None):
     """``run_propainter_prior(frames, masks, settings, sink=sink).frames`` computed by ``workers`` (Ray actors of
     ``ray_worker.PipelineWorker``). Returns the uint8 result frames, or None when ``sink`` takes them.
-    ``progress(stage, done, total)`` gets the ``prior`` count as chunks finish."""
+
+    ``encode_size`` (h, w): return instead the prior's VAE latents at that size, float32 ``[T,4,h/8,w/8]``, bit
+    for bit what ``pipeline._PriorLatentSink`` makes of the frames (the workers encode where they composite).
+    ``progress(stage, done, total)`` gets the ``prior`` count as chunks finish (and ``encode`` with
+    ``encode_size``)."""
     settings = settings if settings is not None else ProPainterSettings()
     settings.validate()
     native = _check_inputs(frames, masks)
@@ -400,6 +452,8 @@ def run_prior_on_cluster(ray, workers, frames: torch.Tensor, masks: torch.Tensor
         # nothing to split (a single frame, or a mask that vanishes at the working size): one worker's whole run
         whole = workers[0].prior_frames.remote(frames.numpy(), native.contiguous().numpy(), settings)
         out = shared_tensor(ray.get(whole))
+        if encode_size is not None:
+            return _encode_frames_on(ray, workers, out, encode_size, progress)
         if sink is None:
             return out
         for start in range(0, count, OUTPUT_FLUSH_FRAMES):
@@ -442,7 +496,7 @@ def run_prior_on_cluster(ray, workers, frames: torch.Tensor, masks: torch.Tensor
 
     video = _ClusterPrior(scheduler, frames, work_masks, masks_in_of, sample, (h, w), settings)
     writer = _ClusterOutputWriter(frames, full_masks, work_masks, sink, ray, scheduler,
-                                  COMPOSITES_IN_FLIGHT_PER_WORKER * len(workers))
+                                  COMPOSITES_IN_FLIGHT_PER_WORKER * len(workers), encode_size, progress)
     reach = transformer_reach(count, settings)
     in_flight = deque()
     limit = STEPS_IN_FLIGHT_PER_WORKER * len(workers)
@@ -467,4 +521,19 @@ def run_prior_on_cluster(ray, workers, frames: torch.Tensor, masks: torch.Tensor
     while in_flight:
         merge_oldest()
     writer.flush(count, force=True)
-    return writer.finish().frames
+    return writer.finish()
+
+
+def _encode_frames_on(ray, workers, frames, size, progress):
+    """VAE latents of whole prior frames in ``FRAME_CHUNK`` ranges, a range per task round robin (the few-frame
+    cases that are not split)."""
+    num = int(frames.shape[0])
+    ranges = [(a, min(a + FRAME_CHUNK, num)) for a in range(0, num, FRAME_CHUNK)]
+    refs = [workers[k % len(workers)].encode_frames.remote(frames[a:b].clone(), tuple(size))
+            for k, (a, b) in enumerate(ranges)]
+    latent = torch.empty((num, 4, int(size[0]) // 8, int(size[1]) // 8), dtype=torch.float32)
+    for (a, b), ref in zip(ranges, refs):
+        latent[a:b] = shared_tensor(ray.get(ref))
+        if progress is not None:
+            progress("encode", b, num)
+    return latent

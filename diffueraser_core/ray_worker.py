@@ -129,6 +129,12 @@ class PipelineWorker:
         self._maybe_fail("prior")
         return composite_task(generated, frames, masks, work_masks)
 
+    def prior_encode(self, generated, frames, masks, work_masks, size):
+        from .prior_distributed import composite_task
+
+        self._maybe_fail("encode")
+        return composite_task(generated, frames, masks, work_masks, self.codec, size)
+
     def encode_frames(self, frames, size):
         """One prior range of the sink: resized to the working size and encoded, as ``_PriorLatentSink``."""
         from .video import resize_frames

@@ -105,9 +105,9 @@ def test_two_workers_give_the_single_process_result_bit_for_bit(clip, models_dir
     after = remover.ray.get([w.tasks_run.remote() for w in remover.workers])
     prior_tasks = [a.get("prior", 0) - b.get("prior", 0) for a, b in zip(after, before)]
     assert all(n >= 5 for n in prior_tasks), prior_tasks
-    # RAFT, sample, completion, propagation, transformer steps, and at least 3 input-size composites (46 frames,
-    # flushed at most 16 at a time)
-    assert sum(prior_tasks) >= 5 + 1 + 3 + 3 + 16 + 3, prior_tasks
+    assert sum(prior_tasks) == 5 + 1 + 3 + 3 + 16, prior_tasks  # RAFT, sample, completion, propagation, steps
+    # the composites, encoded where they are made, on the VAE's 16-frame ranges: 0-16, 16-32, 32-46
+    assert sum(a.get("encode", 0) - b.get("encode", 0) for a, b in zip(after, before)) == 3
     # the whole job's progress: whole percents that only rise, ending complete
     job = [int(m) for m in re.findall(r"\] job (\d+)% \d+s, ETA \d+s", log)]
     assert len(job) > 10 and job == sorted(job) and job[-1] == 100, job
@@ -237,3 +237,13 @@ def test_the_prior_on_the_cluster_hands_the_sink_the_single_process_ranges(engin
                          sink=lambda a, b, f: cluster.append((a, b, f.clone())))
     assert [(a, b) for a, b, _ in cluster] == [(a, b) for a, b, _ in single]
     assert torch.equal(torch.cat([f for *_, f in cluster]), torch.cat([f for *_, f in single]))
+    # the diffusion run's way: the workers encode where they composite; the latents equal the single-process
+    # sink's (the same VAE batches)
+    from diffueraser_core.model_loading import load_diffusion_models
+    from diffueraser_core.pipeline import _PriorLatentSink
+
+    _, codec, _ = load_diffusion_models(find_model_files(models_dir), None, 1.0, runtime)
+    encoder = _PriorLatentSink(count, (64, 80), codec, runtime)
+    run_propainter_prior(frames, masks, nets, settings, runtime, sink=encoder)
+    latent = run_prior_on_cluster(remover.ray, remover.workers, frames, masks, settings, encode_size=(64, 80))
+    assert latent.shape == (count, 4, 8, 10) and torch.equal(latent, encoder.result())
