@@ -94,43 +94,43 @@ class PipelineWorker:
         return settings.compute_dtype or self.runtime.dtype
 
     def prior_raft(self, frames, size, settings):
-        from .prior_distributed import raft_task
+        from .prior_tasks import raft_task
 
         self._maybe_fail("prior")
         return raft_task(self.nets, frames, size, settings)
 
     def prior_sample(self, frames, masks, size, settings):
-        from .prior_distributed import sample_task
+        from .prior_tasks import sample_task
 
         self._maybe_fail("prior")
         return sample_task(self.nets, frames, masks, size, settings, self._prior_dtype(settings), self.runtime)
 
     def prior_complete(self, meta, *parts):
-        from .prior_distributed import complete_task
+        from .prior_tasks import complete_task
 
         self._maybe_fail("prior")
         return complete_task(self.nets, meta, parts, self._prior_dtype(meta["settings"]))
 
     def prior_propagate(self, meta, *parts):
-        from .prior_distributed import propagate_task
+        from .prior_tasks import propagate_task
 
         self._maybe_fail("prior")
         return propagate_task(self.nets, meta, parts, self._prior_dtype(meta["settings"]))
 
     def prior_transformer(self, meta, *parts):
-        from .prior_distributed import transformer_task
+        from .prior_tasks import transformer_task
 
         self._maybe_fail("prior")
         return transformer_task(self.nets, meta, parts, self._prior_dtype(meta["settings"]), self.runtime)
 
     def prior_composite(self, generated, frames, masks, work_masks):
-        from .prior_distributed import composite_task
+        from .prior_tasks import composite_task
 
         self._maybe_fail("prior")
         return composite_task(generated, frames, masks, work_masks)
 
     def prior_encode(self, generated, frames, masks, work_masks, size):
-        from .prior_distributed import composite_task
+        from .prior_tasks import composite_task
 
         self._maybe_fail("encode")
         return composite_task(generated, frames, masks, work_masks, self.codec, size)
@@ -146,7 +146,7 @@ class PipelineWorker:
         from .prior_propainter import run_propainter_prior
 
         self._maybe_fail("prior")
-        from .prior_distributed import shared_tensor
+        from .prior_tasks import shared_tensor
 
         frames, masks = shared_tensor(frames), shared_tensor(masks)
         return run_propainter_prior(frames, masks, self.nets, settings, self.runtime).frames
