@@ -167,8 +167,10 @@ class _ProgressPrinter:
             self._close(stage)  # the stage started another pass
             bar = None
         if bar is None:
+            taken = {b.pos for b in self.open_bars.values()}  # the first line no open bar is on
+            line = next(k for k in range(len(self.open_bars) + 1) if k not in taken and -k not in taken)
             bar = tqdm(total=total, desc=f"[diffueraser] {stage}", file=self.stream, leave=True,
-                       dynamic_ncols=True, unit="step", position=len(self.open_bars))
+                       dynamic_ncols=True, unit="step", position=line)
             self.open_bars[stage] = bar
         bar.set_postfix_str(self._job_text(), refresh=False)
         bar.update(max(0, done - bar.n))

@@ -56,6 +56,14 @@ def read_shot(video_path: str, mask_path: str, args, target, printer=None) -> Sh
     return Shot(video_path, mask_path, clip, masks)
 
 
+def removal_options(settings, max_side, prior_only, output, original, on_frames) -> dict:
+    """The keyword arguments both engines pass on: ``remove_objects`` and ``RayRemover.remove`` take the same ones.
+    ``settings``: (SamplerSettings, InjectionSettings, ProPainterSettings)."""
+    sampler, injection, propainter = settings
+    return dict(sampler_settings=sampler, injection_settings=injection, propainter_settings=propainter,
+                max_side=max_side, prior_only=prior_only, output=output, original=original, on_frames=on_frames)
+
+
 class LocalEngine:
     """The networks in this process (the single-process path)."""
 
@@ -75,9 +83,8 @@ class LocalEngine:
         """``pipeline.remove_objects``; ``on_frames(start, stop, chunk)`` gets the finished chunks in order."""
         from .pipeline import remove_objects
 
-        sampler, injection, propainter = settings
         printer = self.runtime.progress_callback
-        self.runtime.progress_callback = local_job_progress(printer, int(frames.shape[0]), sampler, prior_only)
+        self.runtime.progress_callback = local_job_progress(printer, int(frames.shape[0]), settings[0], prior_only)
         try:
             return remove_objects(
                 frames,
@@ -87,14 +94,7 @@ class LocalEngine:
                 models=self.models,
                 codec=self.codec,
                 text_embeddings=self.text,
-                sampler_settings=sampler,
-                injection_settings=injection,
-                propainter_settings=propainter,
-                max_side=max_side,
-                prior_only=prior_only,
-                output=output,
-                original=original,
-                on_frames=on_frames,
+                **removal_options(settings, max_side, prior_only, output, original, on_frames),
             )
         finally:
             self.runtime.progress_callback = printer
@@ -161,20 +161,8 @@ class RayEngine:
 
     def remove(self, frames, masks, *, settings, max_side, prior_only, output, original=None, on_frames=None):
         """``distributed.RayRemover.remove``; ``on_frames(start, stop, chunk)`` gets the finished chunks in order."""
-        sampler, injection, propainter = settings
-        return self.remover.remove(
-            frames,
-            masks,
-            sampler_settings=sampler,
-            injection_settings=injection,
-            propainter_settings=propainter,
-            max_side=max_side,
-            prior_only=prior_only,
-            output=output,
-            original=original,
-            progress=self.printer,
-            on_frames=on_frames,
-        )
+        return self.remover.remove(frames, masks, progress=self.printer,
+                                   **removal_options(settings, max_side, prior_only, output, original, on_frames))
 
     def set_printer(self, printer) -> None:
         self.printer = printer

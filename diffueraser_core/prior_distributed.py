@@ -51,6 +51,7 @@ from .prior_propainter import (
     ProPainterSettings,
     _check_inputs,
     checked_working_size,
+    image_masks,
     pre_propagation_index,
     progress_units,
     transformer_reach,
@@ -230,8 +231,13 @@ class _ClusterPrior:
                 del self.chunks[stage][start]
 
 
-def _latents_only(start, stop, frames):
-    raise RuntimeError(f"{STAGE}: internal error, the encoding writer delivers latents, not frames")
+class _Regroup:
+    """What ``_PriorLatentSink`` needs of a runtime, for the regrouping alone: no progress (the latents are
+    reported as they come back)."""
+
+    @staticmethod
+    def progress(*args) -> None:
+        pass
 
 
 class _ClusterOutputWriter(_OutputWriter):
@@ -239,38 +245,34 @@ class _ClusterOutputWriter(_OutputWriter):
     costly step otherwise) run as tasks on the workers, a few ranges in flight; the results are delivered in
     frame order.
 
-    With ``encode_size`` the tasks also VAE-encode their composite at that size and only the latents come back
-    (``latent``): the finished frames are regrouped into the ``FRAME_CHUNK`` ranges ``_PriorLatentSink`` encodes,
-    so every VAE call sees the single-process batch."""
+    With ``encode_size`` the tasks also VAE-encode their composite at that size and only the latents come back:
+    ``_PriorLatentSink`` itself regroups the finished frames into the ``FRAME_CHUNK`` ranges it encodes (its
+    ``_encode`` submits the task instead), so every VAE call sees the single-process batch by construction."""
 
     def __init__(self, frames, masks, work_masks, sink, ray, scheduler: _Scheduler, in_flight: int,
                  encode_size=None, progress=None):
+        from .pipeline import _PriorLatentSink
+
+        self.encoder = None
         if encode_size is not None:
-            sink = _latents_only  # nothing input-size is kept on the driver
+            writer = self
+
+            class Encoder(_PriorLatentSink):
+                def _encode(self, start, stop, generated):
+                    writer._submit(start, stop, generated, "prior_encode")
+
+            self.encoder = Encoder(int(frames.shape[0]), encode_size, None, _Regroup())
+            sink = self.encoder  # it takes the working-size frames: nothing input-size is kept on the driver
         super().__init__(frames, masks, work_masks, sink)
         self.ray, self.scheduler, self.in_flight = ray, scheduler, max(1, int(in_flight))
         self.queue = deque()
         self.encode_size, self.progress = encode_size, progress
-        self.latent = None
-        if encode_size is not None:
-            h, w = (int(x) for x in encode_size)
-            self.latent = torch.empty((frames.shape[0], 4, h // 8, w // 8), dtype=torch.float32)
-        self.waiting: List[torch.Tensor] = []  # generated frames from ``grouped`` on, not yet in a task
-        self.grouped = 0
 
     def _composite(self, start, stop, generated):
-        if self.encode_size is None:
+        if self.encoder is not None:
+            self.encoder(start, stop, generated)
+        else:
             self._submit(start, stop, generated, "prior_composite")
-            return
-        num = int(self.frames.shape[0])
-        self.waiting.append(generated)
-        while stop - self.grouped >= FRAME_CHUNK or (stop == num > self.grouped):
-            end = min(self.grouped + FRAME_CHUNK, num)
-            held = torch.cat(self.waiting)
-            take = end - self.grouped
-            self.waiting = [held[take:]] if take < held.shape[0] else []
-            self._submit(self.grouped, end, held[:take], "prior_encode")
-            self.grouped = end
 
     def _submit(self, start, stop, generated, method):
         args = [_numpy(generated), self.frames[start:stop].contiguous().numpy(),
@@ -284,8 +286,8 @@ class _ClusterOutputWriter(_OutputWriter):
     def _deliver_oldest(self):
         start, stop, ref = self.queue.popleft()
         result = shared_tensor(self.ray.get(ref))
-        if self.latent is not None:
-            self.latent[start:stop] = result
+        if self.encoder is not None:
+            self.encoder.latent[start:stop] = result
             if self.progress is not None:
                 self.progress("encode", stop, int(self.frames.shape[0]))
             return
@@ -298,11 +300,8 @@ class _ClusterOutputWriter(_OutputWriter):
     def finish(self):
         while self.queue:
             self._deliver_oldest()
-        if self.latent is not None:
-            if self.grouped != self.frames.shape[0] or self.pending:
-                raise RuntimeError(f"{STAGE}: internal error, {self.grouped} of {self.frames.shape[0]} frames encoded")
-            return self.latent
-        return super().finish().frames
+        result = super().finish()  # checks that every frame was written
+        return self.encoder.result() if self.encoder is not None else result.frames
 
 
 def run_prior_on_cluster(ray, workers, frames: torch.Tensor, masks: torch.Tensor,
@@ -360,13 +359,7 @@ def run_prior_on_cluster(ray, workers, frames: torch.Tensor, masks: torch.Tensor
             # the sampled frames' image masks come from the sample: wait for it when a chunk first needs them
             updated_masks = torch.from_numpy(ray.get(sample_masks).copy())
             mask_overrides.update({i: updated_masks[k] for k, i in enumerate(index)})
-        part = work_masks[start:stop]
-        replaced = [i for i in mask_overrides if start <= i < stop]
-        if replaced:
-            part = part.clone()
-            for i in replaced:
-                part[i - start] = mask_overrides[i]
-        return part
+        return image_masks(work_masks, mask_overrides, start, stop)
 
     video = _ClusterPrior(scheduler, frames, work_masks, masks_in_of, sample, (h, w), settings)
     writer = _ClusterOutputWriter(frames, full_masks, work_masks, sink, ray, scheduler,

@@ -163,6 +163,18 @@ def _pre_propagate(frames_of, work_masks, size, nets, settings, dtype, runtime, 
             {i: updated_masks[k].clone() for k, i in enumerate(index)})
 
 
+def image_masks(work_masks, mask_overrides, start: int, stop: int) -> torch.Tensor:
+    """The image masks of frames ``[start, stop)``: the flow (dilated) masks, except for frames pre-propagation
+    already filled (``mask_overrides``: bool ``[h,w]`` by frame index)."""
+    part = work_masks[start:stop]
+    replaced = [i for i in mask_overrides if start <= i < stop]
+    if replaced:
+        part = part.clone()
+        for i in replaced:
+            part[i - start] = mask_overrides[i]
+    return part
+
+
 @dataclass(frozen=True)
 class TransformerStep:
     """One transformer step: it fills ``neighbor_ids`` (consecutive frames around ``frame``), also reading
@@ -419,14 +431,7 @@ def run_propainter_prior(
         )
 
         def masks_in_of(start: int, stop: int) -> torch.Tensor:
-            # the image mask: the flow mask, except where pre-propagation already filled frames
-            part = work_masks[start:stop]
-            replaced = [i for i in mask_overrides if start <= i < stop]
-            if replaced:
-                part = part.clone()
-                for i in replaced:
-                    part[i - start] = mask_overrides[i]
-            return part
+            return image_masks(work_masks, mask_overrides, start, stop)
 
         video = _FlowGuidedVideo(count, (h, w), frames_of, work_masks, masks_in_of, frame_overrides, nets,
                                  settings, dtype, runtime, progress)

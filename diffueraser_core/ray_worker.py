@@ -144,10 +144,9 @@ class PipelineWorker:
 
     def prior_frames(self, frames, masks, settings):
         from .prior_propainter import run_propainter_prior
-
-        self._maybe_fail("prior")
         from .prior_tasks import shared_tensor
 
+        self._maybe_fail("prior")
         frames, masks = shared_tensor(frames), shared_tensor(masks)
         return run_propainter_prior(frames, masks, self.nets, settings, self.runtime).frames
 

@@ -247,3 +247,8 @@ def test_the_prior_on_the_cluster_hands_the_sink_the_single_process_ranges(engin
     run_propainter_prior(frames, masks, nets, settings, runtime, sink=encoder)
     latent = run_prior_on_cluster(remover.ray, remover.workers, frames, masks, settings, encode_size=(64, 80))
     assert latent.shape == (count, 4, 8, 10) and torch.equal(latent, encoder.result())
+
+
+def test_a_fault_drill_for_an_unknown_stage_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"fault_markers stages must be among .*got \['priors'\]"):
+        distributed.WorkerSpec({}, fault_markers={"priors": "/tmp/x"})

@@ -71,6 +71,12 @@ def test_stages_taking_turns_chunk_by_chunk_keep_one_bar_each():
         if done < 6:
             assert printer.open_bars["decode"] is first and len(printer.open_bars) == 3
     assert printer.open_bars == {}  # each closed when its stage completed
+    printer("a", 1, 2)
+    printer("b", 1, 2)
+    printer("a", 2, 2)  # a's line is free again ...
+    printer("c", 1, 2)  # ... and c takes it, not b's
+    assert sorted(abs(bar.pos) for bar in printer.open_bars.values()) == [0, 1]
+    printer.close()
     printer("encode", 3, 6)
     printer("encode", 1, 6)  # a new pass of the stage: a new bar
     assert printer.open_bars["encode"].n == 1
